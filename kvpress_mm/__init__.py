@@ -1,0 +1,34 @@
+"""kvpress-mm: KV-cache eviction and merging for multimodal LLMs in transformers.
+
+    strategy = kvpress_mm.get_strategy("snapkv", budget=0.2)
+    with strategy(model) as press:
+        out = model.generate(**inputs, max_new_tokens=32)
+    print(press.report.summary())
+"""
+
+from .adapters import supported_families
+from .layer import AttentionNeeds, LayerKV, Plan
+from .modality import Modality
+from .registry import get_strategy, list_strategies, register_preset, register_strategy
+from .report import CacheSize, CompressionReport, cache_size
+from .session import CompressionSession
+from .strategy import EvictionStrategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionNeeds",
+    "CacheSize",
+    "CompressionReport",
+    "CompressionSession",
+    "EvictionStrategy",
+    "LayerKV",
+    "Modality",
+    "Plan",
+    "cache_size",
+    "get_strategy",
+    "list_strategies",
+    "register_preset",
+    "register_strategy",
+    "supported_families",
+]

@@ -1,0 +1,131 @@
+"""Attention statistics from post-RoPE queries and keys, in query chunks (never an L x L matrix).
+
+The framework calls these inside its attention-function wrapper during prefill, so the model keeps
+running its own sdpa kernel; only the statistics a strategy asked for are computed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# upper bound on one chunk of scores (elements), ~32 MB in fp32
+_CHUNK_ELEMENTS = 8 * 1024 * 1024
+_MAX_CHUNK = 128
+
+
+def _chunk_size(batch: int, heads: int, keys: int) -> int:
+    return max(8, min(_MAX_CHUNK, _CHUNK_ELEMENTS // max(1, batch * heads * keys)))
+
+
+def _grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, H, q, D] -> [B, Hkv, G*q, D] so one matmul per kv head serves its whole query group."""
+    b, h, q, d = query.shape
+    return query.reshape(b, kv_heads, (h // kv_heads) * q, d)
+
+
+def allowed_from_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The model's 4-D mask (bool or additive float) -> bool 'may attend', or None for plain causal."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask == 0
+
+
+def window_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    window: int,
+    allowed: torch.Tensor | None = None,
+    query_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax probabilities of the last `window` queries over all keys: [B, H, w, S] float32.
+
+    query [B, H, L, D], key [B, Hkv, S, D] (S >= L, the last L keys belong to the queries).
+    allowed: bool [B, 1|H, L, S] or None (causal). query_valid: bool [B, L]; padded queries give zero rows.
+    """
+    b, h, length, d = query.shape
+    kv_heads, s_len = key.shape[1], key.shape[2]
+    w = min(window, length)
+    q = _grouped(query[:, :, length - w :].float() * scale, kv_heads)
+    scores = torch.matmul(q, key.float().transpose(-1, -2)).view(b, h, w, s_len)
+    if allowed is not None:
+        scores.masked_fill_(~allowed[:, :, length - w :, :], float("-inf"))
+    else:
+        q_pos = torch.arange(s_len - w, s_len, device=query.device)[:, None]
+        scores.masked_fill_(torch.arange(s_len, device=query.device)[None, :] > q_pos, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+    if query_valid is not None:
+        probs.mul_(query_valid[:, None, length - w :, None].to(probs.dtype))
+    return probs
+
+
+def attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Causal attention output [B, H, L, D] and its log-sum-exp [B, H, L] in one fused CPU kernel.
+
+    Returns None where the fused kernel does not apply (not CPU, or S != L); callers then keep the
+    model's own attention output and let `accumulated_attention` compute the log-sum-exp itself.
+    """
+    if query.device.type != "cpu" or key.shape[2] != query.shape[2]:
+        return None
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, True, scale=scale
+    )
+    return out, lse
+
+
+def accumulated_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    allowed: torch.Tensor | None = None,
+    query_valid: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-key sum of attention probabilities over all valid queries: [B, H, S] float32 (H2O scores).
+
+    Exact, computed in query chunks. With `lse` (log-sum-exp per query, from the fused kernel) each
+    chunk costs one matmul and one exp; without it the chunk's own log-sum-exp is taken.
+    allowed: bool [B, 1|H, L, S] or None for plain causal (then the upper triangle is skipped).
+    """
+    b, h, length, d = query.shape
+    kv_heads, s_len = key.shape[1], key.shape[2]
+    groups = h // kv_heads
+    offset = s_len - length
+    q_all = query.float() * scale
+    k_t = key.float().transpose(-1, -2)
+    total = torch.zeros((b, kv_heads, groups, s_len), dtype=torch.float32, device=query.device)
+    chunk = _chunk_size(b, h, s_len)
+    tri = None
+    for i0 in range(0, length, chunk):
+        i1 = min(length, i0 + chunk)
+        c = i1 - i0
+        # causal: queries of this chunk see keys up to their own position only
+        k_end = s_len if allowed is not None else offset + i1
+        q = _grouped(q_all[:, :, i0:i1], kv_heads)
+        scores = torch.matmul(q, k_t[..., :k_end]).view(b, kv_heads, groups, c, k_end)
+        if allowed is not None:
+            blocked = ~allowed[:, :, i0:i1, :k_end]
+            if blocked.shape[1] == 1:
+                blocked = blocked[:, :, None]
+            else:
+                blocked = blocked.reshape(b, kv_heads, groups, c, k_end)
+            scores.masked_fill_(blocked, float("-inf"))
+        else:
+            if tri is None or tri.shape[0] != c:
+                tri = torch.ones((c, c), dtype=torch.bool, device=query.device).triu_(1)
+            scores[..., k_end - c :].masked_fill_(tri, float("-inf"))
+        if lse is not None:
+            row_lse = lse[:, :, i0:i1].float().reshape(b, kv_heads, groups, c, 1)
+        else:
+            row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        # fully blocked rows (padding queries) have lse = -inf or a huge negative value: make them contribute 0
+        row_lse = torch.where(row_lse < -1e30, float("inf"), row_lse)
+        scores.sub_(row_lse).exp_()
+        if query_valid is not None:
+            scores.mul_(query_valid[:, None, None, i0:i1, None].to(scores.dtype))
+        total[..., :k_end] += scores.sum(dim=3)
+    return total.view(b, h, s_len)

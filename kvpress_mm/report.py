@@ -1,0 +1,77 @@
+"""Cache size before and after compression, for users and the evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .cache_ops import layer_bytes
+
+
+@dataclass
+class CacheSize:
+    """Physical size of a cache: sequence slots per layer and total bytes of keys + values."""
+
+    tokens_per_layer: list[int]
+    bytes: int
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.tokens_per_layer)
+
+
+def cache_size(cache) -> CacheSize:
+    """Size of a transformers Cache (e.g. the DynamicCache returned by generate)."""
+    tokens, total = [], 0
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if keys is None or keys.numel() == 0:
+            tokens.append(0)
+            continue
+        tokens.append(int(keys.shape[-2]))
+        total += layer_bytes(keys, values)
+    return CacheSize(tokens, total)
+
+
+@dataclass
+class LayerReport:
+    before_tokens: int
+    after_tokens: int
+    before_bytes: int
+    after_bytes: int
+    kept_fraction: float  # real tokens kept / real prompt tokens, averaged over rows and kv heads
+
+
+@dataclass
+class CompressionReport:
+    """What the last prefill's compression did, per layer (uncompressed layers appear unchanged)."""
+
+    layers: dict[int, LayerReport] = field(default_factory=dict)
+
+    @property
+    def before_bytes(self) -> int:
+        return sum(r.before_bytes for r in self.layers.values())
+
+    @property
+    def after_bytes(self) -> int:
+        return sum(r.after_bytes for r in self.layers.values())
+
+    @property
+    def before_tokens(self) -> list[int]:
+        return [self.layers[i].before_tokens for i in sorted(self.layers)]
+
+    @property
+    def after_tokens(self) -> list[int]:
+        return [self.layers[i].after_tokens for i in sorted(self.layers)]
+
+    @property
+    def kept_fraction(self) -> float:
+        if not self.layers:
+            return 1.0
+        return sum(r.kept_fraction for r in self.layers.values()) / len(self.layers)
+
+    def summary(self) -> str:
+        mib = 1024 * 1024
+        return (
+            f"KV cache {self.before_bytes / mib:.2f} MiB -> {self.after_bytes / mib:.2f} MiB "
+            f"({self.after_bytes / max(1, self.before_bytes):.1%}), kept {self.kept_fraction:.1%} of prompt tokens"
+        )

@@ -1,0 +1,357 @@
+"""The context manager behind `with strategy(model):` - hooks, statistics, compression, decode masks.
+
+While active, the text decoder's attention implementation is switched to a registered wrapper of the
+model's own one (`kvpress_mm_sdpa` / `kvpress_mm_eager`). The wrapper computes the statistics a
+strategy asked for during prefill and, once a layer's cache is compacted, gives that layer's decode
+steps a mask matching its compacted layout. Everything is undone on exit, also after an exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import DynamicLayer
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .adapters import adapter_for
+from .attention_stats import accumulated_attention, allowed_from_mask, attention_with_lse, window_attention
+from .cache_ops import compact_index, gather_positions, layer_bytes
+from .layer import LayerKV, Plan
+from .modality import Modality, modality_from_ids
+from .report import CompressionReport, LayerReport
+
+logger = logging.getLogger("kvpress_mm")
+
+SUPPORTED_BACKENDS = ("sdpa", "eager")
+# attention kwargs that do not change what plain causal attention computes
+_PLAIN_KWARGS = {"dropout", "scaling", "position_ids", "use_cache", "output_attentions", "is_causal"}
+
+# id(attention module) -> the session compressing it
+_ACTIVE: dict[int, "CompressionSession"] = {}
+
+
+def _wrapper_name(backend: str) -> str:
+    return f"kvpress_mm_{backend}"
+
+
+def _base_attention(backend: str, module: torch.nn.Module):
+    if backend == "eager":
+        # every transformers modeling file defines its own eager function (softcap, sinks, ...)
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[backend]
+
+
+def _register_wrapper(backend: str) -> str:
+    name = _wrapper_name(backend)
+    if name not in AttentionInterface._global_mapping:
+
+        def attention(module, query, key, value, attention_mask, **kwargs):
+            base = _base_attention(backend, module)
+            session = _ACTIVE.get(id(module))
+            if session is None:
+                return base(module, query, key, value, attention_mask, **kwargs)
+            return session.attention(base, module, query, key, value, attention_mask, **kwargs)
+
+        AttentionInterface.register(name, attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[backend])
+    return name
+
+
+def _cache_from(kwargs: dict):
+    for name in ("cache", "past_key_values", "past_key_value"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+class CompressionSession:
+    """Compresses `model`'s KV cache with `strategy` at the end of every prefill while active."""
+
+    def __init__(self, strategy, model: torch.nn.Module):
+        self.strategy = strategy
+        self.model = model
+        self.adapter = adapter_for(model)
+        self.decoder = self.adapter.decoder(model)
+        self.attention_modules = self.adapter.attention_modules(model)
+        self.sliding = self.adapter.sliding_layers(model)
+        self.managed = frozenset(self.attention_modules) - self.sliding
+        self.num_layers = len(self.attention_modules)
+        self.backend = self.decoder.config._attn_implementation
+        self.needs = strategy.needs()
+        if self.adapter.multimodal:
+            self.adapter.token_ids(model)  # fail now, not mid-generate, if the image token id is missing
+        self.report = CompressionReport()
+        self._handles: list = []
+        self._active = False
+        self._reset_prompt()
+
+    # ------------------------------------------------------------------ install / remove
+    def __enter__(self) -> "CompressionSession":
+        if self._active:
+            raise RuntimeError("this strategy context is already active")
+        if self.backend not in SUPPORTED_BACKENDS:
+            raise ValueError(
+                f"kvpress-mm works with the language model's attention backends {SUPPORTED_BACKENDS}, "
+                f"this model uses {self.backend!r}; load it with attn_implementation='sdpa'"
+            )
+        if self.sliding:
+            logger.info(
+                "%s: %d sliding-window layers are left uncompressed (%s)",
+                self.adapter.family, len(self.sliding), sorted(self.sliding),
+            )
+        try:
+            self._set_backend(_register_wrapper(self.backend))
+            for idx, module in self.attention_modules.items():
+                _ACTIVE[id(module)] = self
+                if idx in self.managed:
+                    self._handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
+            self._handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+            self._active = True
+        except BaseException:
+            self._uninstall()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._uninstall()
+
+    def _uninstall(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self.attention_modules.values():
+            if _ACTIVE.get(id(module)) is self:
+                del _ACTIVE[id(module)]
+        if self.decoder.config._attn_implementation != self.backend:
+            self._set_backend(self.backend)
+        self._reset_prompt()
+        self._active = False
+
+    def _set_backend(self, name: str) -> None:
+        """Switch only the text decoder's attention (the vision tower keeps its own)."""
+        config = self.model.config
+        if self.decoder.config is config:
+            self.model.set_attn_implementation(name)
+            return
+        for key in config.sub_configs:
+            if getattr(config, key, None) is self.decoder.config:
+                self.model.set_attn_implementation({key: name})
+                return
+        raise ValueError(f"cannot find the text config of {type(self.model).__name__} among {list(config.sub_configs)}")
+
+    # ------------------------------------------------------------------ prompt bookkeeping
+    def _reset_prompt(self) -> None:
+        self.modality: torch.Tensor | None = None  # [B, L] on the model's input device
+        self._by_device: dict = {}
+        self.slots: dict[int, torch.Tensor | None] = {}  # layer -> prompt slot validity [B, 1|Hkv, K] (None: all)
+        self.prompt_slots: dict[int, int] = {}  # layer -> number of prompt slots in the physical cache
+        self.compressed_any = False
+        self.pending: dict[int, tuple] = {}
+        self.decode_mask_2d: torch.Tensor | None = None
+        self._keep: dict[int, torch.Tensor] = {}
+
+    def _before_forward(self, module, args, kwargs):
+        cache = _cache_from(kwargs)
+        if cache is None or cache.get_seq_length() == 0:
+            self._start_prompt(args, kwargs)
+        else:
+            mask = kwargs.get("attention_mask")
+            self.decode_mask_2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def _start_prompt(self, args, kwargs) -> None:
+        self._reset_prompt()
+        self.report = CompressionReport()
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
+            attention_mask = None
+        if input_ids is not None:
+            self.modality = self.adapter.modality(self.model, input_ids, attention_mask, kwargs)
+            return
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            return
+        if self.adapter.multimodal:
+            logger.warning("prompt given as inputs_embeds without input_ids: every position is treated as text")
+        fake_ids = torch.zeros(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        self.modality = modality_from_ids(fake_ids, attention_mask)
+
+    def _modality_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._by_device:
+            self._by_device[device] = self.modality.to(device)
+        return self._by_device[device]
+
+    def _keep_counts(self, idx: int, modality: torch.Tensor) -> torch.Tensor:
+        if idx not in self._keep:
+            n_valid = (modality != int(Modality.PAD)).sum(-1)
+            self._keep[idx] = self.strategy.kept_counts(n_valid, idx, self.num_layers).to(modality.device)
+        return self._keep[idx]
+
+    def _evicts(self, idx: int, modality: torch.Tensor) -> bool:
+        n_valid = (modality != int(Modality.PAD)).sum(-1)
+        return bool((self._keep_counts(idx, modality) < n_valid).any())
+
+    def _is_prefill(self, query: torch.Tensor, key: torch.Tensor) -> bool:
+        return (
+            self.modality is not None
+            and query.shape[2] > 1
+            and key.shape[2] == query.shape[2] == self.modality.shape[1]
+        )
+
+    # ------------------------------------------------------------------ the attention wrapper
+    def attention(self, base, module, query, key, value, attention_mask, **kwargs):
+        idx = module.layer_idx
+        if idx not in self.managed:
+            return base(module, query, key, value, attention_mask, **kwargs)
+        if self._is_prefill(query, key):
+            modality = self._modality_on(query.device)
+            if self.needs.any and self._evicts(idx, modality):
+                return self._prefill_with_stats(base, module, query, key, value, attention_mask, modality, kwargs)
+            return base(module, query, key, value, attention_mask, **kwargs)
+        if self.compressed_any and idx in self.prompt_slots:
+            attention_mask = self._decode_mask(idx, query, key)
+        return base(module, query, key, value, attention_mask, **kwargs)
+
+    def _prefill_with_stats(self, base, module, query, key, value, attention_mask, modality, kwargs):
+        valid = modality != int(Modality.PAD)
+        query_valid = None if bool(valid.all()) else valid
+        scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        if self.backend == "eager":
+            output, probs = base(module, query, key, value, attention_mask, **kwargs)
+            self.pending[module.layer_idx] = self._stats_from_probs(probs, query_valid)
+            return output, probs
+        fused = None
+        plain = all(k in _PLAIN_KWARGS or v is None for k, v in kwargs.items()) and not kwargs.get("dropout")
+        if self.needs.accumulated and attention_mask is None and plain and kwargs.get("is_causal", True):
+            fused = attention_with_lse(query, key, value, scale)
+        if fused is not None:
+            out, lse = fused
+            result = (out.transpose(1, 2).contiguous(), None)
+        else:
+            lse = None
+            result = base(module, query, key, value, attention_mask, **kwargs)
+        allowed = allowed_from_mask(attention_mask)
+        window = accumulated = None
+        if self.needs.window:
+            window = window_attention(query, key, scale, self.needs.window, allowed, query_valid)
+        if self.needs.accumulated:
+            accumulated = accumulated_attention(query, key, scale, allowed, query_valid, lse)
+        self.pending[module.layer_idx] = (window, accumulated)
+        return result
+
+    def _stats_from_probs(self, probs: torch.Tensor, query_valid):
+        probs = probs.float()
+        if query_valid is not None:
+            probs = probs * query_valid[:, None, :, None]
+        window = probs[:, :, -self.needs.window :] if self.needs.window else None
+        accumulated = probs.sum(2) if self.needs.accumulated else None
+        return window, accumulated
+
+    def _decode_mask(self, idx: int, query: torch.Tensor, key: torch.Tensor):
+        """Mask for a compacted layer: its prompt slots' validity, then the decoded tokens'."""
+        q_len, s_len = query.shape[2], key.shape[2]
+        prompt = self.slots[idx]
+        n_new = s_len - self.prompt_slots[idx]
+        tail = None
+        if self.decode_mask_2d is not None:
+            tail = self.decode_mask_2d[:, -n_new:].to(device=key.device, dtype=torch.bool)
+            if bool(tail.all()):
+                tail = None
+        if prompt is None and tail is None and q_len == 1:
+            return None
+        b = key.shape[0]
+        heads = 1 if prompt is None else prompt.shape[1]
+        if prompt is None:
+            prompt = torch.ones((b, 1, self.prompt_slots[idx]), dtype=torch.bool, device=key.device)
+        if tail is None:
+            tail = torch.ones((b, n_new), dtype=torch.bool, device=key.device)
+        allowed = torch.cat([prompt, tail[:, None, :].expand(b, heads, n_new)], dim=-1)[:, :, None, :]
+        if q_len > 1:  # several new tokens at once: causal among them
+            q_pos = torch.arange(s_len - q_len, s_len, device=key.device)[:, None]
+            allowed = allowed & (torch.arange(s_len, device=key.device)[None, :] <= q_pos)
+        if heads > 1:  # head-wise budgets: one mask per query head
+            allowed = allowed.repeat_interleave(query.shape[1] // heads, dim=1)
+        if self.backend == "eager":
+            return torch.zeros(allowed.shape, dtype=query.dtype, device=key.device).masked_fill_(
+                ~allowed, torch.finfo(query.dtype).min
+            )
+        return allowed
+
+    # ------------------------------------------------------------------ compression at the end of prefill
+    def _after_attention(self, module, args, kwargs, output):
+        idx = module.layer_idx
+        stats = self.pending.pop(idx, (None, None))
+        cache = _cache_from(kwargs)
+        if cache is None or self.modality is None or idx in self.prompt_slots:
+            return
+        layer = cache.layers[idx]
+        keys = getattr(layer, "keys", None)
+        if keys is None or keys.dim() != 4 or keys.shape[2] != self.modality.shape[1]:
+            return
+        if not isinstance(layer, DynamicLayer) or layer.is_sliding:
+            raise ValueError(
+                f"kvpress-mm compresses DynamicCache full-attention layers; layer {idx} is {type(layer).__name__}"
+            )
+        self._compress(idx, layer, *stats)
+
+    def _compress(self, idx: int, layer, window, accumulated) -> None:
+        keys, values = layer.keys, layer.values
+        modality = self._modality_on(keys.device)
+        valid = modality != int(Modality.PAD)
+        before = layer_bytes(keys, values)
+        keep_count = self._keep_counts(idx, modality)
+        self.prompt_slots[idx] = keys.shape[2]
+        self.slots[idx] = None if bool(valid.all()) else valid[:, None, :]
+        if not self._evicts(idx, modality):
+            self.report.layers[idx] = LayerReport(keys.shape[2], keys.shape[2], before, before, 1.0)
+            return
+        view = LayerKV(
+            layer_idx=idx,
+            num_layers=self.num_layers,
+            keys=keys,
+            values=values,
+            modality=modality,
+            keep_count=keep_count,
+            num_query_heads=self.attention_modules[idx].config.num_attention_heads,
+            window_attention=window,
+            accumulated_attention=accumulated,
+        )
+        plan = self.strategy.plan(view)
+        self._check_plan(plan, view)
+        index, slot_valid = compact_index(plan.keep)
+        new_keys = gather_positions(plan.keys if plan.keys is not None else keys, index)
+        new_values = gather_positions(plan.values if plan.values is not None else values, index)
+        layer.keys, layer.values = new_keys, new_values
+        self.prompt_slots[idx] = new_keys.shape[2]
+        if bool(slot_valid.all()):
+            self.slots[idx] = None
+        elif bool((slot_valid == slot_valid[:, :1]).all()):
+            self.slots[idx] = slot_valid[:, :1]
+        else:
+            self.slots[idx] = slot_valid
+        self.compressed_any = True
+        kept = (plan.keep & valid[:, None, :]).sum(-1).float() / valid.sum(-1, keepdim=True).clamp(min=1)
+        self.report.layers[idx] = LayerReport(
+            keys.shape[2], new_keys.shape[2], before, layer_bytes(new_keys, new_values), float(kept.mean())
+        )
+
+    def _check_plan(self, plan: Plan, view: LayerKV) -> None:
+        name = type(self.strategy).__name__
+        keep = plan.keep
+        good_shape = keep.dim() == 3 and keep.shape in ((view.batch, 1, view.length), view.keys.shape[:3])
+        if keep.dtype != torch.bool or not good_shape:
+            raise ValueError(
+                f"{name}.plan returned keep of shape {tuple(keep.shape)} / {keep.dtype}; "
+                f"expected bool [{view.batch}, 1 or {view.kv_heads}, {view.length}]"
+            )
+        if bool((keep & ~view.valid[:, None, :]).any()):
+            raise ValueError(f"{name}.plan kept padding positions; keep only real tokens (layer.valid)")
+        if bool(((keep.sum(-1) == 0) & (view.n_valid[:, None] > 0)).any()):
+            raise ValueError(f"{name}.plan kept no token for some (row, head) of layer {view.layer_idx}")
+        for what, states in (("keys", plan.keys), ("values", plan.values)):
+            if states is not None and states.shape != view.keys.shape:
+                raise ValueError(f"{name}.plan returned {what} of shape {tuple(states.shape)}, expected {tuple(view.keys.shape)}")

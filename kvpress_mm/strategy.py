@@ -1,0 +1,47 @@
+"""The abstract EvictionStrategy: a dataclass whose fields are its whole configuration."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from .budget import kept_counts, validate_budget
+from .layer import AttentionNeeds, LayerKV, Plan
+
+
+@dataclass
+class EvictionStrategy(ABC):
+    """Base of every strategy.
+
+    budget: fraction of each row's prompt tokens a layer keeps, in (0, 1].
+    budget_tokens: keep at most this many tokens per layer instead (with budget=1.0).
+
+    Subclasses implement `plan(layer)`; `needs()` declares the attention statistics they read.
+    Use as `with strategy(model): model.generate(...)`.
+    """
+
+    budget: float = 1.0
+    budget_tokens: int | None = None
+
+    def __post_init__(self):
+        validate_budget(self.budget, self.budget_tokens, owner=type(self).__name__)
+
+    def needs(self) -> AttentionNeeds:
+        """Attention statistics this strategy reads from the LayerKV (none by default)."""
+        return AttentionNeeds()
+
+    def kept_counts(self, n_valid: torch.Tensor, layer_idx: int, num_layers: int) -> torch.Tensor:
+        """Tokens layer `layer_idx` keeps per row; override for per-layer budgets (PyramidKV)."""
+        return kept_counts(n_valid, self.budget, self.budget_tokens)
+
+    @abstractmethod
+    def plan(self, layer: LayerKV) -> Plan:
+        """Decide which positions each (row, kv head) keeps, and optionally how evicted ones merge."""
+
+    def __call__(self, model: torch.nn.Module):
+        """A context manager compressing `model`'s KV cache at the end of each prefill."""
+        from .session import CompressionSession
+
+        return CompressionSession(self, model)

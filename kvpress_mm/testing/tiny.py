@@ -1,0 +1,81 @@
+"""Registry of tiny random-weight model builders (one module per model family).
+
+A builder returns a `TinyModel`: the model (eval mode, sdpa attention, fp32 unless asked otherwise)
+and `make_inputs(rows)`, which turns a batch description into left-padded model inputs.
+
+A row is a list of segments, each a tuple:
+    ("text", n)   n random text tokens (never a special / placeholder id)
+    ("image",)    one image, expanded to the family's placeholder tokens, with its pixels
+    ("video",)    one video (only families with video support)
+e.g. rows = [[("text", 5), ("image",), ("text", 7)], [("image",), ("text", 3)]]
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+Row = list[tuple]
+
+# family name -> module that registers its builder with @tiny_builder
+_FAMILY_MODULES = {
+    "llama": "kvpress_mm.testing.tiny_text",
+    "qwen2": "kvpress_mm.testing.tiny_text",
+    "llava": "kvpress_mm.testing.tiny_llava",
+    "llava_next": "kvpress_mm.testing.tiny_llava",
+    "llava_onevision": "kvpress_mm.testing.tiny_llava",
+    "internvl": "kvpress_mm.testing.tiny_internvl",
+    "qwen2_vl": "kvpress_mm.testing.tiny_qwen_vl",
+    "qwen2_5_vl": "kvpress_mm.testing.tiny_qwen_vl",
+    "gemma3": "kvpress_mm.testing.tiny_gemma3",
+    "idefics3": "kvpress_mm.testing.tiny_idefics3",
+    "smolvlm": "kvpress_mm.testing.tiny_idefics3",
+}
+TINY_FAMILIES = tuple(_FAMILY_MODULES)
+
+_BUILDERS: dict[str, Callable[..., "TinyModel"]] = {}
+
+
+@dataclass
+class TinyModel:
+    family: str
+    model: torch.nn.Module
+    # make_inputs(rows, seed=0) -> dict of tensors accepted by model(**inputs) and model.generate(**inputs)
+    make_inputs: Callable[..., dict]
+    image_token_id: int | None = None
+    video_token_id: int | None = None
+    tokens_per_image: int = 0
+    supports_video: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def tiny_builder(family: str):
+    """Class-free registration decorator used by the family modules."""
+
+    def register(fn):
+        _BUILDERS[family] = fn
+        return fn
+
+    return register
+
+
+def build_tiny(family: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> TinyModel:
+    """Build the tiny random-weight model of `family` (see TINY_FAMILIES)."""
+    if family not in _FAMILY_MODULES:
+        raise ValueError(f"unknown tiny model family {family!r}; known: {', '.join(TINY_FAMILIES)}")
+    importlib.import_module(_FAMILY_MODULES[family])
+    return _BUILDERS[family](dtype=dtype, seed=seed)
+
+
+def left_pad(rows_ids: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D id tensors into a left-padded batch and its attention mask."""
+    width = max(len(r) for r in rows_ids)
+    ids = torch.full((len(rows_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows_ids), width), dtype=torch.long)
+    for i, r in enumerate(rows_ids):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask

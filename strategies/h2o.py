@@ -1,0 +1,42 @@
+"""H2O (Zhang et al., 2023, arXiv 2306.14048): heavy hitters by accumulated attention + recent window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpress_mm.layer import AttentionNeeds, LayerKV, Plan
+from kvpress_mm.registry import register_strategy
+from kvpress_mm.selection import keep_top, last_tokens, per_kv_head
+from kvpress_mm.strategy import EvictionStrategy
+
+
+@register_strategy("h2o")
+@dataclass
+class H2O(EvictionStrategy):
+    """Keep the recent window plus the keys that received the most attention from all prompt queries.
+
+    Algorithm (per row and kv head):
+      1. score[j] = sum over prompt queries i >= j of softmax(q_i k^T)[j], averaged over the kv head's query group
+      2. recent window = the last floor(recent_share * keep) tokens
+      3. keep the window plus the top-scoring other tokens, `keep` in all
+    """
+
+    recent_share: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= float(self.recent_share) <= 1.0:
+            raise ValueError(f"H2O: recent_share must be in [0, 1], got {self.recent_share!r}")
+
+    def needs(self) -> AttentionNeeds:
+        return AttentionNeeds(accumulated=True)
+
+    def scores(self, layer: LayerKV) -> torch.Tensor:
+        return per_kv_head(layer.accumulated_attention, layer.groups)
+
+    def plan(self, layer: LayerKV) -> Plan:
+        recent = torch.floor(layer.keep_count.double() * self.recent_share).long()
+        keep = keep_top(self.scores(layer), layer, protect=last_tokens(layer, recent))
+        return Plan(keep=keep)

@@ -1,0 +1,36 @@
+"""StreamingLLM (Xiao et al., 2023, arXiv 2309.17453): attention sinks + a recent window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpress_mm.layer import LayerKV, Plan
+from kvpress_mm.registry import register_strategy
+from kvpress_mm.selection import first_tokens, last_tokens
+from kvpress_mm.strategy import EvictionStrategy
+
+
+@register_strategy("streaming_llm")
+@dataclass
+class StreamingLLM(EvictionStrategy):
+    """Keep the first `sinks` tokens and, with the rest of the budget, the most recent ones.
+
+    Algorithm (per row):
+      1. keep = budget rule applied to the row's real tokens
+      2. sinks kept = min(sinks, keep)
+      3. recent window = the last keep - sinks kept tokens
+    """
+
+    sinks: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            raise ValueError(f"StreamingLLM: sinks must be an integer >= 0, got {self.sinks!r}")
+
+    def plan(self, layer: LayerKV) -> Plan:
+        sinks = torch.clamp(layer.keep_count, max=self.sinks)
+        keep = first_tokens(layer, sinks) | last_tokens(layer, layer.keep_count - sinks)
+        return Plan(keep=keep[:, None, :])
