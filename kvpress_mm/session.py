@@ -18,6 +18,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .adapters import adapter_for
+from .backend import set_decoder_attention
 from .attention_stats import accumulated_attention, allowed_from_mask, attention_with_lse, window_attention
 from .cache_ops import compact_index, gather_positions, layer_bytes
 from .layer import LayerKV, Plan
@@ -128,20 +129,13 @@ class CompressionSession:
                 del _ACTIVE[id(module)]
         if self.decoder.config._attn_implementation != self.backend:
             self._set_backend(self.backend)
-        self._reset_prompt()
+        # report, kept and slots stay readable after the block; per-step scratch goes
+        self.pending.clear()
+        self.decode_mask_2d = None
         self._active = False
 
     def _set_backend(self, name: str) -> None:
-        """Switch only the text decoder's attention (the vision tower keeps its own)."""
-        config = self.model.config
-        if self.decoder.config is config:
-            self.model.set_attn_implementation(name)
-            return
-        for key in config.sub_configs:
-            if getattr(config, key, None) is self.decoder.config:
-                self.model.set_attn_implementation({key: name})
-                return
-        raise ValueError(f"cannot find the text config of {type(self.model).__name__} among {list(config.sub_configs)}")
+        set_decoder_attention(self.model, self.decoder, name)
 
     # ------------------------------------------------------------------ prompt bookkeeping
     def _reset_prompt(self) -> None:
@@ -149,6 +143,7 @@ class CompressionSession:
         self._by_device: dict = {}
         self.slots: dict[int, torch.Tensor | None] = {}  # layer -> prompt slot validity [B, 1|Hkv, K] (None: all)
         self.prompt_slots: dict[int, int] = {}  # layer -> number of prompt slots in the physical cache
+        self.kept: dict[int, torch.Tensor] = {}  # layer -> bool [B, 1|Hkv, L]: prompt positions kept
         self.compressed_any = False
         self.pending: dict[int, tuple] = {}
         self.decode_mask_2d: torch.Tensor | None = None
@@ -306,6 +301,7 @@ class CompressionSession:
         keep_count = self._keep_counts(idx, modality)
         self.prompt_slots[idx] = keys.shape[2]
         self.slots[idx] = None if bool(valid.all()) else valid[:, None, :]
+        self.kept[idx] = valid[:, None, :]
         if not self._evicts(idx, modality):
             self.report.layers[idx] = LayerReport(keys.shape[2], keys.shape[2], before, before, 1.0)
             return
@@ -322,6 +318,7 @@ class CompressionSession:
         )
         plan = self.strategy.plan(view)
         self._check_plan(plan, view)
+        self.kept[idx] = plan.keep
         index, slot_valid = compact_index(plan.keep)
         new_keys = gather_positions(plan.keys if plan.keys is not None else keys, index)
         new_values = gather_positions(plan.values if plan.values is not None else values, index)

@@ -36,6 +36,10 @@ class EvictionStrategy(ABC):
         """Tokens layer `layer_idx` keeps per row; override for per-layer budgets (PyramidKV)."""
         return kept_counts(n_valid, self.budget, self.budget_tokens)
 
+    def promised(self, layer: LayerKV) -> torch.Tensor | None:
+        """bool [batch, seq] positions this strategy always keeps (sinks, windows), or None."""
+        return None
+
     @abstractmethod
     def plan(self, layer: LayerKV) -> Plan:
         """Decide which positions each (row, kv head) keeps, and optionally how evicted ones merge."""

@@ -36,7 +36,8 @@ class H2O(EvictionStrategy):
     def scores(self, layer: LayerKV) -> torch.Tensor:
         return per_kv_head(layer.accumulated_attention, layer.groups)
 
+    def promised(self, layer: LayerKV) -> torch.Tensor:
+        return last_tokens(layer, torch.floor(layer.keep_count.double() * self.recent_share).long())
+
     def plan(self, layer: LayerKV) -> Plan:
-        recent = torch.floor(layer.keep_count.double() * self.recent_share).long()
-        keep = keep_top(self.scores(layer), layer, protect=last_tokens(layer, recent))
-        return Plan(keep=keep)
+        return Plan(keep=keep_top(self.scores(layer), layer, protect=self.promised(layer)))

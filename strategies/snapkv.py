@@ -44,6 +44,8 @@ class SnapKV(EvictionStrategy):
         votes = layer.window_attention.sum(2)
         return pool_scores(per_kv_head(votes, layer.groups), self.kernel_size, self.pooling)
 
+    def promised(self, layer: LayerKV) -> torch.Tensor:
+        return last_tokens(layer, torch.clamp(layer.keep_count, max=self.window_size))
+
     def plan(self, layer: LayerKV) -> Plan:
-        window = last_tokens(layer, torch.clamp(layer.keep_count, max=self.window_size))
-        return Plan(keep=keep_top(self.scores(layer), layer, protect=window))
+        return Plan(keep=keep_top(self.scores(layer), layer, protect=self.promised(layer)))

@@ -30,7 +30,9 @@ class StreamingLLM(EvictionStrategy):
         if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
             raise ValueError(f"StreamingLLM: sinks must be an integer >= 0, got {self.sinks!r}")
 
-    def plan(self, layer: LayerKV) -> Plan:
+    def promised(self, layer: LayerKV) -> torch.Tensor:
         sinks = torch.clamp(layer.keep_count, max=self.sinks)
-        keep = first_tokens(layer, sinks) | last_tokens(layer, layer.keep_count - sinks)
-        return Plan(keep=keep[:, None, :])
+        return first_tokens(layer, sinks) | last_tokens(layer, layer.keep_count - sinks)
+
+    def plan(self, layer: LayerKV) -> Plan:
+        return Plan(keep=self.promised(layer)[:, None, :])

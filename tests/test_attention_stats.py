@@ -1,0 +1,79 @@
+"""Chunked attention statistics against plain eager softmax probabilities."""
+
+import pytest
+import torch
+
+from kvpress_mm.attention_stats import accumulated_attention, attention_with_lse, window_attention
+
+
+def _eager_probs(q, k, scale, allowed):
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, -1).nan_to_num(0.0)
+
+
+def _causal(length):
+    return torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+
+
+@pytest.mark.parametrize("kv_heads,groups", [(1, 1), (2, 2), (1, 4)])
+@pytest.mark.parametrize("length", [7, 130, 300])
+def test_accumulated_matches_eager_causal(kv_heads, groups, length):
+    torch.manual_seed(length)
+    q = torch.randn(2, kv_heads * groups, length, 8) * 2
+    k = torch.randn(2, kv_heads, length, 8) * 2
+    v = torch.randn(2, kv_heads, length, 8)
+    scale = 8**-0.5
+    ref = _eager_probs(q, k, scale, _causal(length)).sum(2)
+    torch.testing.assert_close(accumulated_attention(q, k, scale), ref, atol=1e-4, rtol=1e-4)
+    out, lse = attention_with_lse(q, k, v, scale)
+    torch.testing.assert_close(accumulated_attention(q, k, scale, lse=lse), ref, atol=1e-4, rtol=1e-4)
+    ref_out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    assert torch.equal(out, ref_out)
+
+
+def test_accumulated_with_padding_and_bidirectional_blocks():
+    torch.manual_seed(0)
+    length, pad = 40, 6
+    q = torch.randn(2, 4, length, 8)
+    k = torch.randn(2, 2, length, 8)
+    allowed = _causal(length).repeat(2, 1, 1, 1)
+    allowed[:, :, 10:20, 10:20] = True  # an image block attending both ways (Gemma3)
+    allowed[1, :, :, :pad] = False  # left padding of row 1
+    valid = torch.ones(2, length, dtype=torch.bool)
+    valid[1, :pad] = False
+    probs = _eager_probs(q, k, 0.3, allowed) * valid[:, None, :, None]
+    got = accumulated_attention(q, k, 0.3, allowed=allowed, query_valid=valid)
+    torch.testing.assert_close(got, probs.sum(2), atol=1e-5, rtol=1e-5)
+    assert torch.all(got[1, :, :pad] == 0)
+    float_mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    from kvpress_mm.attention_stats import allowed_from_mask
+
+    got2 = accumulated_attention(q, k, 0.3, allowed=allowed_from_mask(float_mask), query_valid=valid)
+    torch.testing.assert_close(got2, got)
+
+
+@pytest.mark.parametrize("window", [1, 5, 64])
+def test_window_matches_eager(window):
+    torch.manual_seed(window)
+    length = 30
+    q = torch.randn(1, 6, length, 4)
+    k = torch.randn(1, 3, length, 4)
+    probs = _eager_probs(q, k, 0.5, _causal(length))
+    w = min(window, length)
+    torch.testing.assert_close(window_attention(q, k, 0.5, window), probs[:, :, length - w :])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stats_in_low_precision_are_float32_and_finite(dtype):
+    torch.manual_seed(1)
+    q = (torch.randn(1, 4, 50, 16) * 3).to(dtype)
+    k = (torch.randn(1, 2, 50, 16) * 3).to(dtype)
+    v = torch.randn(1, 2, 50, 16).to(dtype)
+    out, lse = attention_with_lse(q, k, v, 0.25)
+    acc = accumulated_attention(q, k, 0.25, lse=lse)
+    assert acc.dtype == torch.float32 and torch.isfinite(acc).all()
+    # every query distributes probability 1 over its keys: the total mass is the number of queries
+    torch.testing.assert_close(acc.sum(-1), torch.full((1, 4), 50.0), atol=0.05, rtol=0)

@@ -1,0 +1,70 @@
+"""Compression inside model.generate() of every supported family: exactness, masked-cache equivalence, batching."""
+
+import pytest
+import torch
+
+import kvpress_mm
+from kvpress_mm.testing import TINY_FAMILIES
+
+from helpers import generate, masked_reference_generate, rows_for, tiny
+
+NON_MERGING = ["streaming_llm", "h2o", "snapkv"]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_budget_one_is_token_identical(family):
+    t = tiny(family)
+    inputs = t.make_inputs(rows_for(t))
+    ref_tokens, _ = generate(t.model, inputs, steps=8)
+    for name in kvpress_mm.list_strategies():
+        with kvpress_mm.get_strategy(name, budget=1.0)(t.model):
+            tokens, _ = generate(t.model, inputs, steps=8)
+        assert torch.equal(tokens, ref_tokens), f"{name} at budget 1.0 changed the output of {family}"
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("name", NON_MERGING)
+def test_eviction_equals_masked_full_cache(family, name):
+    """After eviction, decode logits equal the full cache's with evicted positions masked (RoPE stays right)."""
+    t = tiny(family)
+    inputs = t.make_inputs(rows_for(t))
+    with kvpress_mm.get_strategy(name, budget=0.3)(t.model) as press:
+        tokens, logits = generate(t.model, inputs, steps=6)
+    assert press.compressed_any
+    kept = dict(press.kept)
+    ref_tokens, ref_logits = masked_reference_generate(t.model, inputs, kept, steps=6)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
+    assert torch.equal(tokens, ref_tokens)
+    # the physical cache shrank to the budget: floor(0.3 * longest row) prompt slots
+    n_valid = inputs["attention_mask"].sum(-1)
+    for idx, report in press.report.layers.items():
+        assert report.after_tokens == int(torch.floor(n_valid.double() * 0.3 + 1e-6).max())
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("name", ["h2o", "snapkv"])
+def test_batch_rows_equal_single_rows(family, name):
+    """A left-padded batch is compressed row by row: each row's logits equal its own single-row run."""
+    t = tiny(family)
+    rows = rows_for(t)
+    strategy = kvpress_mm.get_strategy(name, budget=0.4)
+    for order in (rows, rows[::-1]):
+        # make_inputs draws tokens and pixels row by row, so the first row of a batch equals the row alone
+        batch = t.make_inputs(order)
+        single = t.make_inputs(order[:1])
+        with strategy(t.model):
+            _, batch_logits = generate(t.model, batch, steps=5)
+        with strategy(t.model):
+            _, row_logits = generate(t.model, single, steps=5)
+        torch.testing.assert_close(batch_logits[:1], row_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_padding_never_kept(family):
+    t = tiny(family)
+    inputs = t.make_inputs(rows_for(t))
+    pad = inputs["attention_mask"] == 0
+    with kvpress_mm.get_strategy("h2o", budget=0.5)(t.model) as press:
+        generate(t.model, inputs, steps=2)
+    for keep in press.kept.values():
+        assert not bool((keep & pad[:, None, :]).any())
