@@ -9,11 +9,19 @@ from kvpress_mm.testing import build_tiny
 from helpers import TEXT_ROWS, generate
 
 
-@pytest.fixture(scope="module", params=["sdpa", "eager"])
+@pytest.fixture(scope="module", params=[("llama", "sdpa"), ("llama", "eager"), ("qwen2_vl", "sdpa")])
 def eager_llama(request):
-    """The strategy runs on this backend; the reference always reads eager probabilities."""
-    t = build_tiny("llama")
-    t.model.set_attn_implementation(request.param)
+    """The strategy runs on this family / backend; the reference always reads eager probabilities.
+
+    Qwen2-VL checks that statistics use the model's own M-RoPE positions (image rows differ in h/w).
+    """
+    family, backend = request.param
+    t = build_tiny(family)
+    t.model.set_attn_implementation(backend)
+    t.rows = TEXT_ROWS if family == "llama" else [
+        [("text", 9), ("image",), ("text", 30)],
+        [("image",), ("text", 25)],
+    ]
     return t
 
 
@@ -59,7 +67,7 @@ def _kept_sets(press, batch, kv_heads):
 
 def test_h2o_rule(eager_llama):
     t = eager_llama
-    inputs = t.make_inputs(TEXT_ROWS)
+    inputs = t.make_inputs(t.rows)
     probs = _prompt_probs(t.model, inputs)
     budget = 0.3
 
@@ -77,7 +85,7 @@ def test_h2o_rule(eager_llama):
 
 def test_snapkv_rule(eager_llama):
     t = eager_llama
-    inputs = t.make_inputs(TEXT_ROWS)
+    inputs = t.make_inputs(t.rows)
     probs = _prompt_probs(t.model, inputs)
     budget, window, kernel = 0.4, 8, 5
 
