@@ -51,6 +51,17 @@ def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str = "avg") ->
     return out[..., : shape[-1]].reshape(shape)
 
 
+def tiered(scores: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Scores where every `first` position ([batch, seq] or [batch, heads, seq]) outranks every other.
+
+    Ranks in float64 so that the order within each tier is the scores' own order.
+    """
+    scores = torch.nan_to_num(scores.double(), nan=0.0, posinf=0.0, neginf=0.0)
+    offset = 2 * scores.abs().amax() + 1
+    first = first if first.dim() == scores.dim() else first[:, None, :]
+    return scores + first.double() * offset
+
+
 def keep_top(
     scores: torch.Tensor,
     layer: LayerKV,
@@ -68,7 +79,8 @@ def keep_top(
     allowed = layer.valid[:, None, :]
     if candidates is not None:
         allowed = allowed & (candidates if candidates.dim() == 3 else candidates[:, None, :])
-    rank = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    rank = scores if scores.dtype == torch.float64 else scores.float()
+    rank = torch.nan_to_num(rank, nan=float("-inf"))
     rank = rank.masked_fill(~allowed, float("-inf"))
     if protect is not None:
         protect = (protect if protect.dim() == 3 else protect[:, None, :]) & allowed

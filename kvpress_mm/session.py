@@ -20,7 +20,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .adapters import adapter_for
 from .backend import set_decoder_attention
 from .attention_stats import accumulated_attention, allowed_from_mask, attention_with_lse, window_attention
-from .cache_ops import compact_index, gather_positions, layer_bytes
+from .cache_ops import layer_bytes
+from .layer_state import LayerState, apply_index, compacted_state
 from .layer import LayerKV, Plan
 from .modality import Modality, modality_from_ids
 from .report import CompressionReport, LayerReport
@@ -83,6 +84,7 @@ class CompressionSession:
         self.num_layers = len(self.attention_modules)
         self.backend = self.decoder.config._attn_implementation
         self.needs = strategy.needs()
+        self.decode_every = strategy.decode_interval()
         if self.adapter.multimodal:
             self.adapter.token_ids(model)  # fail now, not mid-generate, if the image token id is missing
         self.report = CompressionReport()
@@ -139,11 +141,10 @@ class CompressionSession:
 
     # ------------------------------------------------------------------ prompt bookkeeping
     def _reset_prompt(self) -> None:
-        self.modality: torch.Tensor | None = None  # [B, L] on the model's input device
+        self.modality: torch.Tensor | None = None  # [B, L] prompt labels on the model's input device
         self._by_device: dict = {}
-        self.slots: dict[int, torch.Tensor | None] = {}  # layer -> prompt slot validity [B, 1|Hkv, K] (None: all)
-        self.prompt_slots: dict[int, int] = {}  # layer -> number of prompt slots in the physical cache
-        self.kept: dict[int, torch.Tensor] = {}  # layer -> bool [B, 1|Hkv, L]: prompt positions kept
+        self.states: dict[int, LayerState] = {}  # layer -> layout after its prefill
+        self.kept: dict[int, torch.Tensor] = {}  # layer -> bool [B, 1|Hkv, L]: prompt positions kept at prefill
         self.compressed_any = False
         self.pending: dict[int, tuple] = {}
         self.decode_mask_2d: torch.Tensor | None = None
@@ -204,12 +205,22 @@ class CompressionSession:
             return base(module, query, key, value, attention_mask, **kwargs)
         if self._is_prefill(query, key):
             modality = self._modality_on(query.device)
-            if self.needs.any and self._evicts(idx, modality):
+            if self.needs.any and (self.decode_every or self._evicts(idx, modality)):
                 return self._prefill_with_stats(base, module, query, key, value, attention_mask, modality, kwargs)
             return base(module, query, key, value, attention_mask, **kwargs)
-        if self.compressed_any and idx in self.prompt_slots:
-            attention_mask = self._decode_mask(idx, query, key)
+        state = self.states.get(idx)
+        if state is not None:
+            if self.compressed_any:
+                attention_mask = state.decode_mask(query, key, self.decode_mask_2d, eager=self.backend == "eager")
+            if state.scores is not None:
+                state.add_scores(self._decode_probs(query, key, attention_mask, kwargs))
         return base(module, query, key, value, attention_mask, **kwargs)
+
+    def _decode_probs(self, query, key, attention_mask, kwargs) -> torch.Tensor:
+        """Probabilities of the decode queries over the layer's keys, [B, H, q, S] float32."""
+        scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        allowed = allowed_from_mask(attention_mask)
+        return window_attention(query, key, scale, query.shape[2], allowed)
 
     def _prefill_with_stats(self, base, module, query, key, value, attention_mask, modality, kwargs):
         valid = modality != int(Modality.PAD)
@@ -246,95 +257,94 @@ class CompressionSession:
         accumulated = probs.sum(2) if self.needs.accumulated else None
         return window, accumulated
 
-    def _decode_mask(self, idx: int, query: torch.Tensor, key: torch.Tensor):
-        """Mask for a compacted layer: its prompt slots' validity, then the decoded tokens'."""
-        q_len, s_len = query.shape[2], key.shape[2]
-        prompt = self.slots[idx]
-        n_new = s_len - self.prompt_slots[idx]
-        tail = None
-        if self.decode_mask_2d is not None:
-            tail = self.decode_mask_2d[:, -n_new:].to(device=key.device, dtype=torch.bool)
-            if bool(tail.all()):
-                tail = None
-        if prompt is None and tail is None and q_len == 1:
-            return None
-        b = key.shape[0]
-        heads = 1 if prompt is None else prompt.shape[1]
-        if prompt is None:
-            prompt = torch.ones((b, 1, self.prompt_slots[idx]), dtype=torch.bool, device=key.device)
-        if tail is None:
-            tail = torch.ones((b, n_new), dtype=torch.bool, device=key.device)
-        allowed = torch.cat([prompt, tail[:, None, :].expand(b, heads, n_new)], dim=-1)[:, :, None, :]
-        if q_len > 1:  # several new tokens at once: causal among them
-            q_pos = torch.arange(s_len - q_len, s_len, device=key.device)[:, None]
-            allowed = allowed & (torch.arange(s_len, device=key.device)[None, :] <= q_pos)
-        if heads > 1:  # head-wise budgets: one mask per query head
-            allowed = allowed.repeat_interleave(query.shape[1] // heads, dim=1)
-        if self.backend == "eager":
-            return torch.zeros(allowed.shape, dtype=query.dtype, device=key.device).masked_fill_(
-                ~allowed, torch.finfo(query.dtype).min
-            )
-        return allowed
-
-    # ------------------------------------------------------------------ compression at the end of prefill
+    # ------------------------------------------------------------------ compression
     def _after_attention(self, module, args, kwargs, output):
         idx = module.layer_idx
         stats = self.pending.pop(idx, (None, None))
         cache = _cache_from(kwargs)
-        if cache is None or self.modality is None or idx in self.prompt_slots:
+        if cache is None or self.modality is None:
             return
         layer = cache.layers[idx]
         keys = getattr(layer, "keys", None)
-        if keys is None or keys.dim() != 4 or keys.shape[2] != self.modality.shape[1]:
+        if keys is None or keys.dim() != 4:
             return
+        if idx not in self.states:
+            if keys.shape[2] == self.modality.shape[1]:
+                self._check_layer(idx, layer)
+                self._compress_prefill(idx, layer, *stats)
+        elif self.decode_every:
+            self._compress_decode(idx, layer)
+
+    def _check_layer(self, idx: int, layer) -> None:
         if not isinstance(layer, DynamicLayer) or layer.is_sliding:
             raise ValueError(
                 f"kvpress-mm compresses DynamicCache full-attention layers; layer {idx} is {type(layer).__name__}"
             )
-        self._compress(idx, layer, *stats)
 
-    def _compress(self, idx: int, layer, window, accumulated) -> None:
-        keys, values = layer.keys, layer.values
-        modality = self._modality_on(keys.device)
-        valid = modality != int(Modality.PAD)
-        before = layer_bytes(keys, values)
-        keep_count = self._keep_counts(idx, modality)
-        self.prompt_slots[idx] = keys.shape[2]
-        self.slots[idx] = None if bool(valid.all()) else valid[:, None, :]
-        self.kept[idx] = valid[:, None, :]
-        if not self._evicts(idx, modality):
-            self.report.layers[idx] = LayerReport(keys.shape[2], keys.shape[2], before, before, 1.0)
-            return
-        view = LayerKV(
+    def _view(self, idx, layer, modality, keep_count, window=None, accumulated=None) -> LayerKV:
+        return LayerKV(
             layer_idx=idx,
             num_layers=self.num_layers,
-            keys=keys,
-            values=values,
+            keys=layer.keys,
+            values=layer.values,
             modality=modality,
             keep_count=keep_count,
             num_query_heads=self.attention_modules[idx].config.num_attention_heads,
             window_attention=window,
             accumulated_attention=accumulated,
         )
+
+    def _compress_prefill(self, idx: int, layer, window, accumulated) -> None:
+        keys, values = layer.keys, layer.values
+        modality = self._modality_on(keys.device)
+        valid = modality != int(Modality.PAD)
+        before = layer_bytes(keys, values)
+        keep_count = self._keep_counts(idx, modality)
+        track = accumulated if (self.decode_every and self.needs.accumulated) else None
+        length = keys.shape[2]
+        positions = torch.arange(length, device=keys.device).expand(keys.shape[0], 1, length)
+        slots = None if bool(valid.all()) else valid[:, None, :]
+        state = LayerState(length, slots, modality, keep_count, positions, length, track)
+        self.states[idx] = state
+        self.kept[idx] = valid[:, None, :]
+        if not (self.strategy.compress_prefill() and self._evicts(idx, modality)):
+            self.report.layers[idx] = LayerReport(keys.shape[2], keys.shape[2], before, before, 1.0)
+            return
+        view = self._view(idx, layer, modality, keep_count, window, accumulated)
         plan = self.strategy.plan(view)
         self._check_plan(plan, view)
         self.kept[idx] = plan.keep
-        index, slot_valid = compact_index(plan.keep)
-        new_keys = gather_positions(plan.keys if plan.keys is not None else keys, index)
-        new_values = gather_positions(plan.values if plan.values is not None else values, index)
-        layer.keys, layer.values = new_keys, new_values
-        self.prompt_slots[idx] = new_keys.shape[2]
-        if bool(slot_valid.all()):
-            self.slots[idx] = None
-        elif bool((slot_valid == slot_valid[:, :1]).all()):
-            self.slots[idx] = slot_valid[:, :1]
-        else:
-            self.slots[idx] = slot_valid
+        self.states[idx], index = compacted_state(plan.keep, modality, keep_count, positions, length, track)
+        apply_index(layer, index, plan.keys, plan.values)
         self.compressed_any = True
         kept = (plan.keep & valid[:, None, :]).sum(-1).float() / valid.sum(-1, keepdim=True).clamp(min=1)
         self.report.layers[idx] = LayerReport(
-            keys.shape[2], new_keys.shape[2], before, layer_bytes(new_keys, new_values), float(kept.mean())
+            keys.shape[2], layer.keys.shape[2], before, layer_bytes(layer.keys, layer.values), float(kept.mean())
         )
+
+    def _compress_decode(self, idx: int, layer) -> None:
+        """Every `decode_every` tokens over the cap, evict back to the cap (decode-phase strategies)."""
+        state = self.states[idx]
+        length = layer.keys.shape[2]
+        modality = state.current_modality(length, self.decode_mask_2d, layer.keys.device)
+        if state.slots is not None and state.slots.shape[1] > 1:
+            raise ValueError("decode-phase compression needs the same real slots in every kv head")
+        real = modality != int(Modality.PAD)
+        if state.slots is not None:
+            real[:, : state.base_len] &= state.slots[:, 0]
+            modality = modality.masked_fill(~real, int(Modality.PAD))
+        over = real.sum(-1) - state.cap
+        if int(over.max()) < self.decode_every:
+            return
+        view = self._view(idx, layer, modality, torch.minimum(state.cap, real.sum(-1)), accumulated=state.scores)
+        plan = self.strategy.plan(view)
+        self._check_plan(plan, view)
+        total = state.total + length - state.base_len
+        self.states[idx], index = compacted_state(
+            plan.keep, modality, state.cap, state.current_positions(length), total, state.scores
+        )
+        apply_index(layer, index, plan.keys, plan.values)
+        self.compressed_any = True
 
     def _check_plan(self, plan: Plan, view: LayerKV) -> None:
         name = type(self.strategy).__name__

@@ -11,6 +11,9 @@ from .budget import kept_counts, validate_budget
 from .layer import AttentionNeeds, LayerKV, Plan
 
 
+PHASES = ("prefill", "decode", "both")
+
+
 @dataclass
 class EvictionStrategy(ABC):
     """Base of every strategy.
@@ -36,6 +39,14 @@ class EvictionStrategy(ABC):
         """Tokens layer `layer_idx` keeps per row; override for per-layer budgets (PyramidKV)."""
         return kept_counts(n_valid, self.budget, self.budget_tokens)
 
+    def compress_prefill(self) -> bool:
+        """Whether to compress at the end of prefill (True for every built-in except phase='decode')."""
+        return True
+
+    def decode_interval(self) -> int:
+        """Compress during decoding whenever this many tokens exceed the budget (0: never)."""
+        return 0
+
     def promised(self, layer: LayerKV) -> torch.Tensor | None:
         """bool [batch, seq] positions this strategy always keeps (sinks, windows), or None."""
         return None
@@ -49,3 +60,30 @@ class EvictionStrategy(ABC):
         from .session import CompressionSession
 
         return CompressionSession(self, model)
+
+
+@dataclass
+class DecodePhaseMixin:
+    """Fields of strategies that can also evict while tokens are generated.
+
+    phase: "prefill" (compress once after the prompt), "decode" (keep the prompt, then hold the cache
+    at the budget while generating) or "both". compress_every: evict whenever this many tokens exceed
+    the budget, so the cache never holds more than budget + compress_every tokens.
+    """
+
+    phase: str = "prefill"
+    compress_every: int = 1
+
+    def _check_phase(self) -> None:
+        name = type(self).__name__
+        if self.phase not in PHASES:
+            raise ValueError(f"{name}: phase must be one of {', '.join(PHASES)}; got {self.phase!r}")
+        every = self.compress_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"{name}: compress_every must be an integer >= 1, got {every!r}")
+
+    def compress_prefill(self) -> bool:
+        return self.phase in ("prefill", "both")
+
+    def decode_interval(self) -> int:
+        return self.compress_every if self.phase in ("decode", "both") else 0

@@ -9,12 +9,12 @@ import torch
 from kvpress_mm.layer import AttentionNeeds, LayerKV, Plan
 from kvpress_mm.registry import register_strategy
 from kvpress_mm.selection import keep_top, last_tokens, per_kv_head
-from kvpress_mm.strategy import EvictionStrategy
+from kvpress_mm.strategy import DecodePhaseMixin, EvictionStrategy
 
 
 @register_strategy("h2o")
 @dataclass
-class H2O(EvictionStrategy):
+class H2O(DecodePhaseMixin, EvictionStrategy):
     """Keep the recent window plus the keys that received the most attention from all prompt queries.
 
     Algorithm (per row and kv head):
@@ -27,6 +27,7 @@ class H2O(EvictionStrategy):
 
     def __post_init__(self):
         super().__post_init__()
+        self._check_phase()
         if not 0.0 <= float(self.recent_share) <= 1.0:
             raise ValueError(f"H2O: recent_share must be in [0, 1], got {self.recent_share!r}")
 

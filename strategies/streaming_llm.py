@@ -9,12 +9,12 @@ import torch
 from kvpress_mm.layer import LayerKV, Plan
 from kvpress_mm.registry import register_strategy
 from kvpress_mm.selection import first_tokens, last_tokens
-from kvpress_mm.strategy import EvictionStrategy
+from kvpress_mm.strategy import DecodePhaseMixin, EvictionStrategy
 
 
 @register_strategy("streaming_llm")
 @dataclass
-class StreamingLLM(EvictionStrategy):
+class StreamingLLM(DecodePhaseMixin, EvictionStrategy):
     """Keep the first `sinks` tokens and, with the rest of the budget, the most recent ones.
 
     Algorithm (per row):
@@ -27,6 +27,7 @@ class StreamingLLM(EvictionStrategy):
 
     def __post_init__(self):
         super().__post_init__()
+        self._check_phase()
         if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
             raise ValueError(f"StreamingLLM: sinks must be an integer >= 0, got {self.sinks!r}")
 

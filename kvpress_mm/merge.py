@@ -1,0 +1,120 @@
+"""KV merging: evicted tokens are folded into the kept token whose key is most similar (LOOK-M).
+
+Wan et al., "LOOK-M: Look-Once Optimization in KV Cache for Efficient Multimodal Long-Context
+Inference", EMNLP 2024 Findings, arXiv 2406.18139, Sec. 3.3. Per (row, kv head):
+
+    S = cosine(K_evicted, K_kept);  j*(e) = argmax_j S[e, j];  s_e = S[e, j*(e)]
+    averaged:  k_j <- (k_j + sum_{e: j*(e)=j} k_e) / (1 + n_j)
+    pivotal:   k_j <- (k_j + sum_{e: j*(e)=j} (k_e + k_j) / 2) / (1 + n_j)
+    weighted:  k_j <- (k_j + sum_{e in F, j*(e)=j} w_e k_e) / (1 + sum_{e in F, j*(e)=j} w_e)
+               F = {e : s_e >= mean of s over this (row, head)'s evicted tokens}, w_e = max(s_e, 0)
+
+Values follow the keys' match j*. Keys are merged after RoPE, as in the paper.
+Fixes over the released code (see docs/look-m.md): the averaged update pairs every evicted token
+with its own match (the release scattered a filtered index against the unfiltered source); the
+weighted filter is taken per (row, head), not one mask shared by all heads; weighted updates are
+normalised by the weights' sum, so a merged key stays a convex combination.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .cache_ops import compact_index
+
+MERGE_MODES = ("none", "averaged", "pivotal", "weighted")
+MERGE_SCOPES = ("any", "same_modality")
+
+# evicted tokens matched per chunk: bounds the [batch, heads, chunk, kept] similarity block
+_CHUNK_ELEMENTS = 4 * 1024 * 1024
+
+
+def nearest_kept(
+    keys: torch.Tensor,
+    keep: torch.Tensor,
+    evict: torch.Tensor,
+    labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Match every evicted position to the kept position with the most similar key (cosine).
+
+    keys [B, H, L, D]; keep / evict bool [B, H, L]; labels [B, L] (optional): match only within
+    the same label. Returns (kept_index [B,H,K], kept_valid [B,H,K], evicted_index [B,H,E],
+    match [B,H,E] (slot in kept_index, -1 where there is no match or no evicted token), similarity [B,H,E]).
+    """
+    b, h, _, d = keys.shape
+    kept_index, kept_valid = compact_index(keep)
+    evicted_index, evicted_valid = compact_index(evict)
+    n_kept, n_evicted = kept_index.shape[-1], evicted_index.shape[-1]
+    unit = F.normalize(keys.float(), dim=-1)
+    kept_unit = torch.gather(unit, 2, kept_index[..., None].expand(-1, -1, -1, d))
+    match = torch.full((b, h, n_evicted), -1, dtype=torch.long, device=keys.device)
+    similarity = torch.zeros((b, h, n_evicted), dtype=torch.float32, device=keys.device)
+    if n_kept == 0 or n_evicted == 0:
+        return kept_index, kept_valid, evicted_index, match, similarity
+    kept_labels = None
+    if labels is not None:
+        labels_bh = labels[:, None, :].expand(b, h, -1)
+        kept_labels = torch.gather(labels_bh, 2, kept_index)
+        evicted_labels = torch.gather(labels_bh, 2, evicted_index)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h * n_kept))
+    for e0 in range(0, n_evicted, chunk):
+        e1 = min(n_evicted, e0 + chunk)
+        ev_unit = torch.gather(unit, 2, evicted_index[:, :, e0:e1, None].expand(-1, -1, -1, d))
+        sim = ev_unit @ kept_unit.transpose(-1, -2)  # [B, H, c, K]
+        allowed = kept_valid[:, :, None, :].expand_as(sim)
+        if kept_labels is not None:
+            allowed = allowed & (evicted_labels[:, :, e0:e1, None] == kept_labels[:, :, None, :])
+        sim = sim.masked_fill(~allowed, float("-inf"))
+        best, slot = sim.max(dim=-1)
+        found = evicted_valid[:, :, e0:e1] & torch.isfinite(best)
+        match[:, :, e0:e1] = torch.where(found, slot, -1)
+        similarity[:, :, e0:e1] = torch.where(found, best, 0.0)
+    return kept_index, kept_valid, evicted_index, match, similarity
+
+
+def merge_evicted(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    keep: torch.Tensor,
+    valid: torch.Tensor,
+    mode: str,
+    labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-length keys / values where each kept position holds its merged state.
+
+    keys, values [B, H, L, D]; keep bool [B, H|1, L]; valid bool [B, L] (evicted = valid & ~keep);
+    mode in MERGE_MODES; labels [B, L] restrict merging to the same label (merge_scope=same_modality).
+    Positions that are not kept are returned unchanged (the framework drops them).
+    """
+    if mode not in MERGE_MODES:
+        raise ValueError(f"merge must be one of {MERGE_MODES}, got {mode!r}")
+    if mode == "none":
+        return keys, values
+    b, h, length, d = keys.shape
+    keep = keep.expand(b, h, length)
+    evict = valid[:, None, :] & ~keep
+    if not bool(evict.any()):
+        return keys, values
+    kept_index, _, evicted_index, match, similarity = nearest_kept(keys, keep, evict, labels)
+    found = match >= 0
+    weight = found.float()
+    if mode == "weighted":
+        # per (row, head): only evicted tokens at least as similar as that head's average take part
+        n_found = found.sum(-1, keepdim=True).clamp(min=1)
+        mean_sim = (similarity * found).sum(-1, keepdim=True) / n_found
+        weight = torch.where(found & (similarity >= mean_sim), similarity.clamp(min=0.0), 0.0)
+    target = match.clamp(min=0)
+    new_states = []
+    for states in (keys, values):
+        states32 = states.float()
+        kept = torch.gather(states32, 2, kept_index[..., None].expand(-1, -1, -1, d))
+        evicted = torch.gather(states32, 2, evicted_index[..., None].expand(-1, -1, -1, d))
+        if mode == "pivotal":
+            # each evicted token first meets its pivot half-way
+            evicted = (evicted + torch.gather(kept, 2, target[..., None].expand(-1, -1, -1, d))) / 2
+        total = kept.clone().scatter_add_(2, target[..., None].expand(-1, -1, -1, d), evicted * weight[..., None])
+        mass = torch.ones(kept.shape[:3], device=keys.device).scatter_add_(2, target, weight)
+        merged = (total / mass[..., None]).to(states.dtype)
+        new_states.append(states.scatter(2, kept_index[..., None].expand(-1, -1, -1, d), merged))
+    return new_states[0], new_states[1]
