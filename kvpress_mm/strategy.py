@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -27,6 +28,11 @@ class EvictionStrategy(ABC):
 
     budget: float = 1.0
     budget_tokens: int | None = None
+
+    # each (row, kv head) keeps exactly kept_counts() tokens; False: more may be kept (keep_all_text)
+    exact_budget: ClassVar[bool] = True
+    # heads of a layer keep different counts that sum to kept_counts() * kv_heads (AdaKV)
+    headwise_budgets: ClassVar[bool] = False
 
     def __post_init__(self):
         validate_budget(self.budget, self.budget_tokens, owner=type(self).__name__)

@@ -1,0 +1,24 @@
+"""KNorm (Devoto et al., 2024, arXiv 2406.11430): keys with a low L2 norm draw the most attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpress_mm.layer import LayerKV, Plan
+from kvpress_mm.registry import register_strategy
+from kvpress_mm.selection import keep_top
+from kvpress_mm.strategy import EvictionStrategy
+
+
+@register_strategy("knorm")
+@dataclass
+class KNorm(EvictionStrategy):
+    """Algorithm (per row and kv head): keep the `keep` keys of smallest L2 norm. Needs no attention."""
+
+    def scores(self, layer: LayerKV) -> torch.Tensor:
+        return -layer.keys.float().norm(dim=-1)
+
+    def plan(self, layer: LayerKV) -> Plan:
+        return Plan(keep=keep_top(self.scores(layer), layer))

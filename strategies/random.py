@@ -1,0 +1,27 @@
+"""random: a uniformly random subset of the prompt (the floor every method should beat)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpress_mm.layer import LayerKV, Plan
+from kvpress_mm.registry import register_strategy
+from kvpress_mm.selection import keep_top
+from kvpress_mm.strategy import EvictionStrategy
+
+
+@register_strategy("random")
+@dataclass
+class RandomEviction(EvictionStrategy):
+    """Algorithm (per row and kv head): keep `keep` positions drawn uniformly; `seed` makes it repeatable."""
+
+    seed: int = 0
+
+    def scores(self, layer: LayerKV) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + layer.layer_idx)
+        return torch.rand(layer.keys.shape[:3], generator=gen).to(layer.keys.device)
+
+    def plan(self, layer: LayerKV) -> Plan:
+        return Plan(keep=keep_top(self.scores(layer), layer))
