@@ -11,6 +11,7 @@ import torch
 # upper bound on one chunk of scores (elements), ~32 MB in fp32
 _CHUNK_ELEMENTS = 8 * 1024 * 1024
 _MAX_CHUNK = 128
+_LOG2E = 1.4426950408889634
 
 
 def _chunk_size(batch: int, heads: int, keys: int) -> int:
@@ -95,7 +96,9 @@ def accumulated_attention(
     kv_heads, s_len = key.shape[1], key.shape[2]
     groups = h // kv_heads
     offset = s_len - length
-    q_all = query.float() * scale
+    # with a known lse, work in base 2: exp2 is ~1.5x faster than exp on CPU
+    log_base = _LOG2E if lse is not None else 1.0
+    q_all = query.float() * (scale * log_base)
     k_t = key.float().transpose(-1, -2)
     total = torch.zeros((b, kv_heads, groups, s_len), dtype=torch.float32, device=query.device)
     chunk = _chunk_size(b, h, s_len)
@@ -119,12 +122,13 @@ def accumulated_attention(
                 tri = torch.ones((c, c), dtype=torch.bool, device=query.device).triu_(1)
             scores[..., k_end - c :].masked_fill_(tri, float("-inf"))
         if lse is not None:
-            row_lse = lse[:, :, i0:i1].float().reshape(b, kv_heads, groups, c, 1)
+            row_lse = lse[:, :, i0:i1].float().reshape(b, kv_heads, groups, c, 1) * log_base
         else:
             row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
         # fully blocked rows (padding queries) have lse = -inf or a huge negative value: make them contribute 0
         row_lse = torch.where(row_lse < -1e30, float("inf"), row_lse)
-        scores.sub_(row_lse).exp_()
+        scores.sub_(row_lse)
+        scores.exp2_() if lse is not None else scores.exp_()
         if query_valid is not None:
             scores.mul_(query_valid[:, None, None, i0:i1, None].to(scores.dtype))
         total[..., :k_end] += scores.sum(dim=3)

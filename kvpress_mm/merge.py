@@ -42,34 +42,36 @@ def nearest_kept(
     the same label. Returns (kept_index [B,H,K], kept_valid [B,H,K], evicted_index [B,H,E],
     match [B,H,E] (slot in kept_index, -1 where there is no match or no evicted token), similarity [B,H,E]).
     """
-    b, h, _, d = keys.shape
+    b, h, length, d = keys.shape
     kept_index, kept_valid = compact_index(keep)
     evicted_index, evicted_valid = compact_index(evict)
     n_kept, n_evicted = kept_index.shape[-1], evicted_index.shape[-1]
-    unit = F.normalize(keys.float(), dim=-1)
-    kept_unit = torch.gather(unit, 2, kept_index[..., None].expand(-1, -1, -1, d))
     match = torch.full((b, h, n_evicted), -1, dtype=torch.long, device=keys.device)
     similarity = torch.zeros((b, h, n_evicted), dtype=torch.float32, device=keys.device)
     if n_kept == 0 or n_evicted == 0:
         return kept_index, kept_valid, evicted_index, match, similarity
-    kept_labels = None
+    unit = F.normalize(keys.float(), dim=-1)
+    kept_unit_t = torch.gather(unit, 2, kept_index[..., None].expand(-1, -1, -1, d)).transpose(-1, -2).contiguous()
+    blocked = None if bool(kept_valid.all()) else ~kept_valid[:, :, None, :]
     if labels is not None:
         labels_bh = labels[:, None, :].expand(b, h, -1)
         kept_labels = torch.gather(labels_bh, 2, kept_index)
-        evicted_labels = torch.gather(labels_bh, 2, evicted_index)
+    best = torch.empty((b, h, length), dtype=torch.float32, device=keys.device)
+    slot = torch.empty((b, h, length), dtype=torch.long, device=keys.device)
+    # every position is matched in contiguous chunks (cheaper than gathering the evicted ones first)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h * n_kept))
-    for e0 in range(0, n_evicted, chunk):
-        e1 = min(n_evicted, e0 + chunk)
-        ev_unit = torch.gather(unit, 2, evicted_index[:, :, e0:e1, None].expand(-1, -1, -1, d))
-        sim = ev_unit @ kept_unit.transpose(-1, -2)  # [B, H, c, K]
-        allowed = kept_valid[:, :, None, :].expand_as(sim)
-        if kept_labels is not None:
-            allowed = allowed & (evicted_labels[:, :, e0:e1, None] == kept_labels[:, :, None, :])
-        sim = sim.masked_fill(~allowed, float("-inf"))
-        best, slot = sim.max(dim=-1)
-        found = evicted_valid[:, :, e0:e1] & torch.isfinite(best)
-        match[:, :, e0:e1] = torch.where(found, slot, -1)
-        similarity[:, :, e0:e1] = torch.where(found, best, 0.0)
+    for p0 in range(0, length, chunk):
+        p1 = min(length, p0 + chunk)
+        sim = unit[:, :, p0:p1] @ kept_unit_t  # [B, H, c, K]
+        if blocked is not None:
+            sim.masked_fill_(blocked, float("-inf"))
+        if labels is not None:
+            sim.masked_fill_(labels_bh[:, :, p0:p1, None] != kept_labels[:, :, None, :], float("-inf"))
+        torch.max(sim, dim=-1, out=(best[:, :, p0:p1], slot[:, :, p0:p1]))
+    ev_best = torch.gather(best, 2, evicted_index)
+    found = evicted_valid & torch.isfinite(ev_best)
+    match = torch.where(found, torch.gather(slot, 2, evicted_index), -1)
+    similarity = torch.where(found, ev_best, 0.0)
     return kept_index, kept_valid, evicted_index, match, similarity
 
 

@@ -34,6 +34,8 @@ _PLAIN_KWARGS = {"dropout", "scaling", "position_ids", "use_cache", "output_atte
 
 # id(attention module) -> the session compressing it
 _ACTIVE: dict[int, "CompressionSession"] = {}
+# models whose uncompressed sliding-window layers were already reported
+_SLIDING_LOGGED: set[int] = set()
 
 
 def _wrapper_name(backend: str) -> str:
@@ -82,7 +84,7 @@ class CompressionSession:
         self.sliding = self.adapter.sliding_layers(model)
         self.managed = frozenset(self.attention_modules) - self.sliding
         self.num_layers = len(self.attention_modules)
-        self.backend = self.decoder.config._attn_implementation
+        self.backend = None  # the decoder's own attention implementation, read on entry
         self.needs = strategy.needs()
         self.decode_every = strategy.decode_interval()
         if self.adapter.multimodal:
@@ -94,20 +96,22 @@ class CompressionSession:
 
     # ------------------------------------------------------------------ install / remove
     def __enter__(self) -> "CompressionSession":
-        if self._active:
-            raise RuntimeError("this strategy context is already active")
+        if self._active or any(id(m) in _ACTIVE for m in self.attention_modules.values()):
+            raise RuntimeError("this model is already inside a kvpress-mm strategy context; contexts do not nest")
+        self.backend = self.decoder.config._attn_implementation
         if self.backend not in SUPPORTED_BACKENDS:
             raise ValueError(
                 f"kvpress-mm works with the language model's attention backends {SUPPORTED_BACKENDS}, "
                 f"this model uses {self.backend!r}; load it with attn_implementation='sdpa'"
             )
-        if self.sliding:
+        if self.sliding and id(self.model) not in _SLIDING_LOGGED:
+            _SLIDING_LOGGED.add(id(self.model))
             logger.info(
                 "%s: %d sliding-window layers are left uncompressed (%s)",
                 self.adapter.family, len(self.sliding), sorted(self.sliding),
             )
         try:
-            self._set_backend(_register_wrapper(self.backend))
+            set_decoder_attention(self.model, self.decoder, _register_wrapper(self.backend))
             for idx, module in self.attention_modules.items():
                 _ACTIVE[id(module)] = self
                 if idx in self.managed:
@@ -129,15 +133,12 @@ class CompressionSession:
         for module in self.attention_modules.values():
             if _ACTIVE.get(id(module)) is self:
                 del _ACTIVE[id(module)]
-        if self.decoder.config._attn_implementation != self.backend:
-            self._set_backend(self.backend)
+        if self.backend is not None and self.decoder.config._attn_implementation != self.backend:
+            set_decoder_attention(self.model, self.decoder, self.backend)
         # report, kept and slots stay readable after the block; per-step scratch goes
         self.pending.clear()
         self.decode_mask_2d = None
         self._active = False
-
-    def _set_backend(self, name: str) -> None:
-        set_decoder_attention(self.model, self.decoder, name)
 
     # ------------------------------------------------------------------ prompt bookkeeping
     def _reset_prompt(self) -> None:

@@ -89,3 +89,29 @@ def test_report_and_cache_size():
     # the generated tokens (all but the last, which is never fed back) were appended after compression
     assert size.tokens_per_layer == [longest // 4 + 2] * len(report.layers)
     assert "MiB" in report.summary()
+
+
+def test_contexts_do_not_nest():
+    t = tiny("llama")
+    with kvpress_mm.get_strategy("h2o", budget=0.5)(t.model):
+        with pytest.raises(RuntimeError, match="nest"):
+            with kvpress_mm.get_strategy("snapkv", budget=0.5)(t.model):
+                pass
+    assert t.model.config._attn_implementation == "sdpa"
+
+
+def test_sliding_layers_logged_once(caplog):
+    import logging
+
+    from kvpress_mm.testing import build_tiny
+
+    t = build_tiny("gemma3")  # a fresh model: never compressed before
+    inputs = t.make_inputs(rows_for(t))
+    with caplog.at_level(logging.INFO, logger="kvpress_mm"):
+        for _ in range(2):
+            with kvpress_mm.get_strategy("snapkv", budget=0.3)(t.model) as press:
+                generate(t.model, inputs, steps=2)
+    messages = [r.getMessage() for r in caplog.records if "sliding-window" in r.getMessage()]
+    assert len(messages) == 1
+    sliding = adapter_for(t.model).sliding_layers(t.model)
+    assert sliding and not (set(press.kept) & set(sliding))

@@ -1,0 +1,77 @@
+"""Models the benchmark runs on: random Llama decoders of two sizes, and mini_llava when installed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# name -> (hidden, layers, heads, kv_heads, intermediate); head_dim 64 everywhere
+RANDOM_SIZES = {
+    "tiny": (256, 4, 4, 4, 704),
+    "mid": (1024, 8, 16, 16, 2816),
+}
+
+
+@dataclass
+class BenchModel:
+    name: str
+    model: torch.nn.Module
+    make_inputs: Callable[[int], dict]  # prompt length -> model inputs (batch 1)
+    config: object  # the text config (for DynamicCache)
+
+
+def random_llama(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> BenchModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, heads, kv_heads, intermediate = RANDOM_SIZES[name]
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=32768,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype).to(device).eval()
+    gen = torch.Generator().manual_seed(seed)
+
+    def make_inputs(length: int) -> dict:
+        ids = torch.randint(3, config.vocab_size, (1, length), generator=gen)
+        return {"input_ids": ids.to(device)}
+
+    return BenchModel(name, model, make_inputs, config)
+
+
+def mini_llava(device: torch.device, dtype: torch.dtype, images: int = 4) -> BenchModel:
+    """The offline real VLM; prompts hold `images` real-feature images (256 tokens each) + filler text."""
+    from kvpress_mm.offline import load_mini_llava
+    from kvpress_mm.offline.images import synthetic_image
+
+    model, processor = load_mini_llava(dtype=dtype, device=device)
+    words = "the of river light museum quiet morning garden number seven paper window".split()
+
+    def make_inputs(length: int) -> dict:
+        n_images = min(images, max(0, (length - 64) // 512))
+        text_tokens = length - 256 * n_images
+        filler = " ".join(words[i % len(words)] for i in range(text_tokens))
+        content = []
+        for i in range(n_images):
+            content += [filler[: len(filler) // (n_images + 1)], synthetic_image(seed=i)]
+        content.append(filler[: len(filler) // (n_images + 1)])
+        # about one token per filler word: the record keeps the prompt's real length
+        inputs = processor.prepare_inputs([{"role": "user", "content": content}])
+        return {k: v.to(device) for k, v in inputs.items()}
+
+    return BenchModel("mini_llava", model, make_inputs, model.config.text_config)
+
+
+def load_bench_model(name: str, device: torch.device, dtype: torch.dtype) -> BenchModel:
+    if name in RANDOM_SIZES:
+        return random_llama(name, device, dtype)
+    if name == "mini_llava":
+        return mini_llava(device, dtype)
+    raise ValueError(f"unknown benchmark model {name!r}; choose from {', '.join([*RANDOM_SIZES, 'mini_llava'])}")
