@@ -7,8 +7,9 @@ from typing import Callable
 
 import torch
 
-# name -> (hidden, layers, heads, kv_heads, intermediate); head_dim 64 everywhere
+# name -> (hidden, layers, heads, kv_heads, intermediate)
 RANDOM_SIZES = {
+    "micro": (64, 2, 4, 2, 128),  # for smoke tests of the benchmark itself
     "tiny": (256, 4, 4, 4, 704),
     "mid": (1024, 8, 16, 16, 2816),
 }
