@@ -157,7 +157,9 @@ class CompressionSession:
             self._start_prompt(args, kwargs)
         else:
             mask = kwargs.get("attention_mask")
-            self.decode_mask_2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            usable = isinstance(mask, torch.Tensor) and mask.dim() == 2
+            # an all-real mask (the usual case) needs no per-layer tail: checked once per step here
+            self.decode_mask_2d = mask if usable and not bool(mask.all()) else None
 
     def _start_prompt(self, args, kwargs) -> None:
         self._reset_prompt()

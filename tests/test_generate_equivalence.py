@@ -83,3 +83,22 @@ def test_every_strategy_runs_in_generate(family):
         assert tokens.shape[1] == inputs["input_ids"].shape[1] + 3
         if name != "full":
             assert press.report.after_bytes < press.report.before_bytes, name
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3", "idefics3", "internvl"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_models(family, dtype):
+    """bf16 / fp16 models: statistics in fp32, the compacted cache keeps the model's dtype, output finite."""
+    from transformers import DynamicCache
+
+    t = tiny(family, dtype)
+    inputs = t.make_inputs(rows_for(t))
+    text_config = t.model.config.get_text_config()
+    for name in ("h2o", "look_m", "adakv"):
+        cache = DynamicCache(config=text_config)
+        with kvpress_mm.get_strategy(name, budget=0.3)(t.model) as press:
+            tokens, logits = generate(t.model, inputs, steps=3, cache=cache)
+        assert torch.isfinite(logits).all(), name
+        assert press.compressed_any
+        for idx in press.kept:
+            assert cache.layers[idx].keys.dtype == dtype and cache.layers[idx].values.dtype == dtype
