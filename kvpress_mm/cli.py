@@ -1,0 +1,117 @@
+"""`kvpress-mm`: the command line, a Hydra app.
+
+    kvpress-mm                                        # default: text_prior_pivot_merge @ 0.2 on mini_llava
+    kvpress-mm strategy=snapkv strategy.budget=0.1 model=tiny_llava task=fidelity
+    kvpress-mm -m strategy=h2o,snapkv,look_m strategy.budget=0.05,0.1,0.2
+    kvpress-mm eval ...                               # the same: `eval` is the default command
+
+The first word may name a command (a config under conf/ with its own job function); only `eval`
+exists today, and a later command (e.g. `bench`) is one more entry in COMMANDS. Everything after it is
+Hydra's usual command line (overrides, -m, --cfg job, --help, ...). See docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+PROG = "kvpress-mm"
+
+
+@dataclass(frozen=True)
+class Command:
+    config_name: str  # conf/<config_name>.yaml
+    job: str  # "module:function", the Hydra task function (imported only when the command runs)
+    help: str
+
+
+COMMANDS = {
+    "eval": Command("eval", "kvpress_mm.cli_run:run_eval", "evaluate a strategy against the full cache (default)"),
+}
+DEFAULT_COMMAND = "eval"
+TARGET_KEY = "strategy._target_"
+
+# Hydra flags after which nothing runs (help, printing the config, shell completion)
+_NO_RUN_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "resolve", "experimental_rerun")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: pick the command, check the command line, hand it to Hydra."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        command, argv = split_command(argv)
+        argv, target = select_target_option(argv)
+        _prepare(command, argv, target)
+    except ValueError as err:  # ConfigError and the registries' ValueErrors: one line, no traceback
+        _fail(err)
+    _run_hydra(command, argv)
+
+
+def split_command(argv: list[str]) -> tuple[Command, list[str]]:
+    """(command, the rest): a first word that is neither an override nor a flag names the command."""
+    if argv and _is_word(argv[0]):
+        name = argv[0]
+        if name not in COMMANDS:
+            known = "; ".join(f"{n}: {c.help}" for n, c in COMMANDS.items())
+            raise ValueError(f"unknown command {name!r}; commands: {known}")
+        return COMMANDS[name], argv[1:]
+    return COMMANDS[DEFAULT_COMMAND], argv
+
+
+def select_target_option(argv: list[str]) -> tuple[list[str], str | None]:
+    """`strategy._target_=pkg.Class` alone selects the `strategy=target` option (a class by import path).
+
+    Returns the command line to give Hydra and the class path when there is exactly one.
+    """
+    values = [a.split("=", 1)[1] for a in argv if "=" in a and a.split("=", 1)[0].lstrip("+") == TARGET_KEY]
+    if not values:
+        return argv, None
+    chooses_strategy = any("=" in a and a.split("=", 1)[0].lstrip("+~") == "strategy" for a in argv)
+    if not chooses_strategy:
+        argv = ["strategy=target", *argv]
+    single = values[-1] if len(values) == 1 and not any(c in values[-1] for c in ",()[]") else None
+    return argv, single
+
+
+def _prepare(command: Command, argv: list[str], target: str | None) -> None:
+    from hydra._internal.utils import get_args_parser
+
+    from .cli_config import register_configs
+    from .cli_preflight import check_command_line
+
+    register_configs(target=target)
+    args, _ = get_args_parser().parse_known_args(argv)
+    if any(getattr(args, flag, None) for flag in _NO_RUN_FLAGS):
+        return
+    check_command_line(args.config_name or command.config_name, args.overrides, args.multirun, args.config_dir)
+
+
+def _run_hydra(command: Command, argv: list[str]) -> None:
+    import hydra
+
+    job = _import(command.job)
+    # Hydra reads its command line from sys.argv; this process's entry point hands it the remainder
+    sys.argv = [PROG, *argv]
+    app = hydra.main(version_base="1.3", config_path="pkg://kvpress_mm.conf", config_name=command.config_name)(job)
+    app()
+
+
+def _import(path: str) -> Callable:
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _is_word(arg: str) -> bool:
+    return not arg.startswith("-") and "=" not in arg and not arg.startswith("~")
+
+
+def _fail(err: Exception) -> None:
+    print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,385 @@
+"""`evaluate(bundle, task, strategy)`: run a task's samples with a strategy (and the full cache) and measure.
+
+Per batch of samples (left-padded by the bundle):
+  1. the full cache: plain `model.generate` (no strategy installed), greedy;
+  2. the strategy: the same `generate` inside `with strategy(model) as press`; the KV sizes and kept fraction
+     come from `press.report` (the prompt cache right after prefill compression).
+Generate tasks score both answers with `task.score`; the fidelity task instead forces the full cache's
+greedy tokens on the strategy's generate (a logits processor, so positions / masks / the compressed cache
+are generate's own) and compares the raw next-token logits step by step (see tasks/fidelity.py).
+
+Definitions (RunResult): score / full_score = mean sample score; kept_fraction = mean over samples of the
+report's kept fraction (real prompt tokens kept / real prompt tokens, averaged over layers and kv heads);
+kv_bytes_before / kv_bytes_after = mean per sample of the prompt KV cache bytes before / after compression
+(a batch's bytes divided by its rows, so padded slots count); prefill_seconds = mean duration of one prefill
+forward (one batch; compression included); decode_tokens_per_second = (decode forward calls x rows) /
+decode seconds, over all batches; peak_memory_bytes = the largest peak of one strategy generate (CUDA
+allocator peak, or the process RSS peak on CPU, weights included; *_increase_bytes: above the memory at
+the start of that generate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .memory import PeakMemory
+from .metrics import fidelity as fidelity_metrics
+from .metrics import mean
+from .models.bundle import ModelBundle
+from .tasks import Task, get_task
+from .timing import ForwardTimer
+
+# a short generate on the first batch before anything is timed (first-call overheads: kernels, allocator)
+WARMUP_NEW_TOKENS = 2
+
+
+@dataclass
+class RunResult:
+    """One (model, task, strategy) evaluation; `to_dict()` is JSON-serialisable. Definitions: runner.py."""
+
+    model: str
+    task: str
+    strategy: str
+    score: float
+    full_score: float | None
+    kept_fraction: float
+    kv_bytes_before: float
+    kv_bytes_after: float
+    prefill_seconds: float
+    decode_tokens_per_second: float | None
+    peak_memory_bytes: int | None
+    n_samples: int
+    samples: list[dict]
+    notes: str
+    peak_memory_increase_bytes: int | None = None
+    full_prefill_seconds: float | None = None
+    full_decode_tokens_per_second: float | None = None
+    full_peak_memory_bytes: int | None = None
+    full_peak_memory_increase_bytes: int | None = None
+    metrics: dict = field(default_factory=dict)
+    prompt_tokens_mean: float = 0.0
+    task_config: dict = field(default_factory=dict)
+    strategy_config: dict = field(default_factory=dict)
+    model_info: dict = field(default_factory=dict)
+    batch_size: int = 1
+    device: str = "cpu"
+    memory_method: str = "none"
+    wall_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return _jsonable(dataclasses.asdict(self))
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+
+def _jsonable(obj: Any):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, torch.dtype):
+        return str(obj).removeprefix("torch.")
+    return str(obj)
+
+
+# ----------------------------------------------------------------------------------------- generate
+
+
+class _ForceTokens:
+    """Logits processor: at step t, allow only tokens[:, t] (teacher forcing through generate)."""
+
+    def __init__(self, tokens: torch.Tensor, prompt_len: int):
+        self.tokens = tokens
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.prompt_len
+        if step >= self.tokens.shape[1]:
+            return scores
+        forced = torch.full_like(scores, -math.inf)
+        forced.scatter_(1, self.tokens[:, step : step + 1].to(scores.device), 0.0)
+        return forced
+
+
+@dataclass
+class _Generation:
+    new_tokens: torch.Tensor  # [B, T] on CPU
+    logits: torch.Tensor | None  # [B, T, V] float32 on CPU (raw, before logits processors)
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+    peak_bytes: int | None
+    peak_increase_bytes: int | None
+    memory_method: str
+    report: Any = None
+
+
+def _generate(bundle: ModelBundle, inputs: dict, strategy, max_new_tokens: int, device,
+              force: torch.Tensor | None = None, logits: bool = False) -> _Generation:
+    from transformers import LogitsProcessorList
+
+    model = bundle.model
+    kwargs = {**bundle.generate_kwargs, "max_new_tokens": max_new_tokens, "do_sample": False,
+              "return_dict_in_generate": True, "output_logits": logits}
+    prompt_len = inputs["input_ids"].shape[1]
+    if force is not None:
+        kwargs["logits_processor"] = LogitsProcessorList([_ForceTokens(force, prompt_len)])
+    session = strategy(model) if strategy is not None else nullcontext()
+    with PeakMemory(device) as mem, ForwardTimer(model, device) as timer:
+        with session as press:
+            out = model.generate(**inputs, **kwargs)
+    new_tokens = out.sequences[:, prompt_len:].cpu()
+    raw = torch.stack(out.logits, 1).float().cpu() if logits else None
+    del out
+    return _Generation(
+        new_tokens=new_tokens,
+        logits=raw,
+        prefill_seconds=timer.prefill_seconds,
+        decode_seconds=timer.decode_seconds,
+        decode_steps=timer.decode_steps,
+        peak_bytes=mem.peak_bytes,
+        peak_increase_bytes=mem.increase_bytes,
+        memory_method=mem.method,
+        report=getattr(press, "report", None),
+    )
+
+
+def _eos_ids(bundle: ModelBundle) -> set[int]:
+    eos = bundle.generate_kwargs.get("eos_token_id", getattr(bundle.model.generation_config, "eos_token_id", None))
+    if eos is None:
+        return set()
+    if isinstance(eos, torch.Tensor):
+        eos = eos.flatten().tolist()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _lengths(new_tokens: torch.Tensor, eos: set[int]) -> list[int]:
+    """Tokens each row really generated: up to and including its first eos."""
+    out = []
+    for row in new_tokens.tolist():
+        n = len(row)
+        for i, t in enumerate(row):
+            if t in eos:
+                n = i + 1
+                break
+        out.append(n)
+    return out
+
+
+def _texts(bundle: ModelBundle, tokens: torch.Tensor, lengths: list[int]) -> list[str]:
+    return [bundle.decode(tokens[b : b + 1, :n])[0] for b, n in enumerate(lengths)]
+
+
+def _diverged_text(bundle: ModelBundle, reference: torch.Tensor, logits: torch.Tensor, matched: int, n: int) -> str:
+    """What free greedy decoding with the strategy starts with: the full cache's tokens up to the first
+    disagreement, then the strategy's own token there (teacher forcing equals free decoding until then)."""
+    tokens = reference[:matched]
+    if matched < n:
+        tokens = torch.cat([tokens, logits[matched].argmax(-1, keepdim=True).to(tokens.dtype)])
+    return bundle.decode(tokens[None])[0]
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _strategy_name(strategy) -> str:
+    """The registered name of a strategy instance (the preset whose defaults it matches best)."""
+    from kvpress_mm.registry import list_strategies, strategy_class
+
+    best, best_n = type(strategy).__name__, -1
+    for name in list_strategies():
+        cls, defaults = strategy_class(name)
+        if cls is type(strategy) and all(getattr(strategy, k, None) == v for k, v in defaults.items()):
+            if len(defaults) > best_n:
+                best, best_n = name, len(defaults)
+    return best
+
+
+def _resolve(task, strategy):
+    import kvpress_mm
+
+    if isinstance(task, str):
+        task = get_task(task)
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a Task or a task name, got {type(task).__name__}")
+    if strategy is None:
+        strategy = "full"
+    if isinstance(strategy, str):
+        name, strategy = strategy, kvpress_mm.get_strategy(strategy)
+    else:
+        if not callable(strategy) or not hasattr(strategy, "plan"):
+            raise TypeError(f"strategy must be a strategy instance or a registered name, got {type(strategy).__name__}")
+        name = _strategy_name(strategy)
+    return task, strategy, name
+
+
+def _place(bundle: ModelBundle, device) -> torch.device:
+    if device is None:
+        return bundle.device
+    device = torch.device(device)
+    if getattr(bundle.model, "hf_device_map", None) and len(set(bundle.model.hf_device_map.values())) > 1:
+        raise ValueError("the model is spread over several devices (device_map); do not pass device= as well")
+    if bundle.device != device:
+        bundle.model.to(device)
+    return bundle.device
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+# ----------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate(bundle: ModelBundle, task: Task | str, strategy, *, batch_size: int = 1, compare_full: bool = True,
+             progress: bool = True, device=None) -> RunResult:
+    """Run every sample of `task` with `strategy` (an instance, a registered name, or None = "full") on
+    `bundle`; with compare_full, also with the full cache on the same samples. See the module doc."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    task, strategy, strategy_name = _resolve(task, strategy)
+    device = _place(bundle, device)
+    fidelity_mode = task.mode == "fidelity"
+    run_full = compare_full or fidelity_mode
+    eos = _eos_ids(bundle)
+    samples = task.samples()
+    t_start = time.perf_counter()
+
+    records: list[dict] = []
+    acc = {"kept": 0.0, "before": 0.0, "after": 0.0, "rows": 0}
+    times = {"prefill": [], "decode_s": 0.0, "decode_tok": 0, "full_prefill": [], "full_decode_s": 0.0,
+             "full_decode_tok": 0}
+    peaks = {"peak": [], "inc": [], "full_peak": [], "full_inc": []}
+    memory_method = "none"
+
+    bar = tqdm(total=len(samples), desc=f"{task.name} | {strategy_name}", unit="sample", disable=not progress)
+    try:
+        for k, batch in enumerate(_batches(samples, batch_size)):
+            inputs = bundle.prepare(batch)
+            rows = len(batch)
+            if k == 0 and WARMUP_NEW_TOKENS:
+                _generate(bundle, inputs, None, WARMUP_NEW_TOKENS, device)
+            full = None
+            if run_full:
+                full = _generate(bundle, inputs, None, task.max_new_tokens, device, logits=fidelity_mode)
+                full_len = _lengths(full.new_tokens, eos)
+                times["full_prefill"].append(full.prefill_seconds)
+                times["full_decode_s"] += full.decode_seconds
+                times["full_decode_tok"] += full.decode_steps * rows
+                peaks["full_peak"].append(full.peak_bytes)
+                peaks["full_inc"].append(full.peak_increase_bytes)
+            if fidelity_mode:
+                run = _generate(bundle, inputs, strategy, task.max_new_tokens, device, force=full.new_tokens, logits=True)
+            else:
+                run = _generate(bundle, inputs, strategy, task.max_new_tokens, device)
+            memory_method = run.memory_method
+            times["prefill"].append(run.prefill_seconds)
+            times["decode_s"] += run.decode_seconds
+            times["decode_tok"] += run.decode_steps * rows
+            peaks["peak"].append(run.peak_bytes)
+            peaks["inc"].append(run.peak_increase_bytes)
+            report = run.report
+            kept = report.kept_fraction if report is not None else 1.0
+            acc["kept"] += kept * rows
+            acc["before"] += report.before_bytes if report is not None else 0
+            acc["after"] += report.after_bytes if report is not None else 0
+            acc["rows"] += rows
+
+            prompt_tokens = inputs["attention_mask"].sum(-1).tolist() if "attention_mask" in inputs else \
+                [inputs["input_ids"].shape[1]] * rows
+            if fidelity_mode:
+                reference = _texts(bundle, full.new_tokens, full_len)
+                for b, sample in enumerate(batch):
+                    n = full_len[b]
+                    m = fidelity_metrics(full.logits[b, :n], run.logits[b, :n])
+                    records.append({
+                        "id": sample.id, "prompt_tokens": int(prompt_tokens[b]),
+                        "prediction": _diverged_text(bundle, full.new_tokens[b], run.logits[b], m["matched_prefix"], n),
+                        "full_prediction": reference[b], "answer": sample.answer, "score": m["agreement"],
+                        "full_score": 1.0, **m, "batch_kept_fraction": kept, "meta": sample.meta,
+                    })
+            else:
+                run_len = _lengths(run.new_tokens, eos)
+                predictions = _texts(bundle, run.new_tokens, run_len)
+                full_predictions = _texts(bundle, full.new_tokens, full_len) if full is not None else [None] * rows
+                for b, sample in enumerate(batch):
+                    records.append({
+                        "id": sample.id, "prompt_tokens": int(prompt_tokens[b]), "prediction": predictions[b],
+                        "full_prediction": full_predictions[b], "answer": sample.answer,
+                        "score": task.score(sample, predictions[b]),
+                        "full_score": task.score(sample, full_predictions[b]) if full is not None else None,
+                        "batch_kept_fraction": kept, "meta": sample.meta,
+                    })
+            bar.update(rows)
+            bar.set_postfix(score=f"{mean(r['score'] for r in records):.3f}", kept=f"{acc['kept'] / acc['rows']:.2f}")
+    finally:
+        bar.close()
+
+    n = len(records)
+    metrics: dict = {}
+    if fidelity_mode:
+        for key in ("kl", "agreement", "prefix_agreement"):
+            metrics[key] = mean(r[key] for r in records)
+        metrics["steps_mean"] = mean(r["steps"] for r in records)
+    notes = [bundle.notes]
+    if fidelity_mode:
+        notes.append("fidelity: score = teacher-forced greedy agreement with the full cache; metrics.kl = mean "
+                     "KL(full || strategy) per generated token; full_score is 1 by definition.")
+    if not run_full:
+        notes.append("full-cache reference not run (compare_full=False).")
+    if not bundle.trained:
+        notes.append("random-weight model: task answers are meaningless, only fidelity measures something.")
+    full_scores = [r["full_score"] for r in records]
+    return RunResult(
+        model=bundle.name,
+        task=task.name,
+        strategy=strategy_name,
+        score=mean(r["score"] for r in records),
+        full_score=mean(full_scores) if run_full else None,
+        kept_fraction=acc["kept"] / max(1, acc["rows"]),
+        kv_bytes_before=acc["before"] / max(1, acc["rows"]),
+        kv_bytes_after=acc["after"] / max(1, acc["rows"]),
+        prefill_seconds=mean(times["prefill"]) or 0.0,
+        decode_tokens_per_second=times["decode_tok"] / times["decode_s"] if times["decode_s"] > 0 else None,
+        peak_memory_bytes=_max(peaks["peak"]),
+        n_samples=n,
+        samples=records,
+        notes=" ".join(x for x in notes if x),
+        peak_memory_increase_bytes=_max(peaks["inc"]),
+        full_prefill_seconds=mean(times["full_prefill"]),
+        full_decode_tokens_per_second=(times["full_decode_tok"] / times["full_decode_s"]
+                                       if times["full_decode_s"] > 0 else None),
+        full_peak_memory_bytes=_max(peaks["full_peak"]),
+        full_peak_memory_increase_bytes=_max(peaks["full_inc"]),
+        metrics=metrics,
+        prompt_tokens_mean=mean(r["prompt_tokens"] for r in records) or 0.0,
+        task_config=task.config(),
+        strategy_config=dataclasses.asdict(strategy) if dataclasses.is_dataclass(strategy) else {},
+        model_info=dict(bundle.info),
+        batch_size=batch_size,
+        device=str(device),
+        memory_method=memory_method,
+        wall_seconds=time.perf_counter() - t_start,
+    )
+
+
+def _max(values) -> int | None:
+    values = [v for v in values if v is not None]
+    return max(values) if values else None

@@ -1,0 +1,332 @@
+"""Run results on disk: one JSON per run, and for a sweep one table (CSV + Markdown) and a score-vs-budget plot.
+
+The JSON of a run (written by the CLI into its Hydra output directory) holds:
+    config       the resolved config (strategy, model, task, run options)
+    choices      which config-group options were selected (strategy=..., model=..., task=...)
+    overrides    the command-line overrides of this run / sweep point
+    metrics      RunResult.to_dict() of kvpress_mm.eval.evaluate (scores, cache sizes, timings, samples)
+    cache        KV bytes before / after compression and the kept fraction (copied from metrics)
+    timings      seconds to load the model, to evaluate, in all; prefill seconds, decode tokens/s
+    environment  versions (python, torch, transformers, hydra, kvpress-mm), device, threads, host
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+import sys
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Iterable
+
+MIB = 1024 * 1024
+
+# the sweep table: (column, header, how to read it from a run's JSON)
+TABLE_COLUMNS = (
+    "job", "strategy", "budget", "model", "task", "n_samples", "score", "full_score", "kept_fraction",
+    "kv_mib_before", "kv_mib_after", "prefill_s", "decode_tok_s", "peak_mib", "overrides", "output_dir",
+)
+
+
+# ============================================================================ one run
+
+
+def environment(device: Any = None) -> dict:
+    """Versions and the device a run used (enough to tell two result files' setups apart)."""
+    import torch
+
+    dev = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "host": platform.node(),
+        "versions": {name: _version(name) for name in ("kvpress-mm", "torch", "transformers", "hydra-core")},
+        "device": dev,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if dev.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(dev).index or 0
+        info["device_name"] = torch.cuda.get_device_name(index)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device_name"] = platform.processor() or platform.machine()
+    return info
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def run_record(
+    *, config: dict, choices: dict, overrides: list, metrics: dict, timings: dict, device: Any, job: dict
+) -> dict:
+    """The JSON document of one run (see the module docstring)."""
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "job": job,
+        "config": config,
+        "choices": choices,
+        "overrides": overrides,
+        "cache": {k: metrics.get(k) for k in ("kv_bytes_before", "kv_bytes_after", "kept_fraction")},
+        "timings": {
+            **timings,
+            "prefill_seconds": metrics.get("prefill_seconds"),
+            "decode_tokens_per_second": metrics.get("decode_tokens_per_second"),
+        },
+        "metrics": metrics,
+        "environment": environment(device),
+    }
+
+
+def write_json(path: str | Path, record: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(obj):
+    if isinstance(obj, Path):
+        return str(obj)
+    item = getattr(obj, "item", None)  # numpy / torch scalars
+    if callable(item):
+        return item()
+    return repr(obj)
+
+
+def comparison_rows(record: dict) -> list[dict]:
+    """The strategy row and, when the run compared, the full-cache row (score, kept, KV MiB, speed)."""
+    m = record["metrics"]
+    before = m.get("kv_bytes_before")
+    rows = [{
+        "run": strategy_label(record),
+        "score": m.get("score"),
+        "kept": m.get("kept_fraction"),
+        "kv_mib_before": _mib(before),
+        "kv_mib_after": _mib(m.get("kv_bytes_after")),
+        "prefill_s": m.get("prefill_seconds"),
+        "decode_tok_s": m.get("decode_tokens_per_second"),
+    }]
+    full = m.get("full") if isinstance(m.get("full"), dict) else {}
+    if m.get("full_score") is not None or full:
+        def get(key):  # the runner reports the full cache either as metrics["full"][key] or metrics["full_<key>"]
+            return full.get(key, m.get(f"full_{key}"))
+
+        full_before = get("kv_bytes_before") if get("kv_bytes_before") is not None else before
+        full_after = get("kv_bytes_after") if get("kv_bytes_after") is not None else full_before
+        rows.append({
+            "run": "full",
+            "score": get("score"),
+            "kept": get("kept_fraction") if get("kept_fraction") is not None else 1.0,
+            "kv_mib_before": _mib(full_before),
+            "kv_mib_after": _mib(full_after),
+            "prefill_s": get("prefill_seconds"),
+            "decode_tok_s": get("decode_tokens_per_second"),
+        })
+    return rows
+
+
+def comparison_table(record: dict) -> str:
+    """A Markdown table of comparison_rows, with the run's model / task / budget as a caption."""
+    cfg = record.get("config", {})
+    caption = (
+        f"model={record.get('choices', {}).get('model', _get(cfg, 'model.name'))} "
+        f"task={_get(cfg, 'task.name')} n_samples={record['metrics'].get('n_samples')} "
+        f"budget={_budget_text(cfg.get('strategy', {}))}"
+    )
+    headers = ["run", "score", "kept", "KV MiB before", "KV MiB after", "prefill s", "decode tok/s"]
+    keys = ["run", "score", "kept", "kv_mib_before", "kv_mib_after", "prefill_s", "decode_tok_s"]
+    body = [[_fmt(row[k]) for k in keys] for row in comparison_rows(record)]
+    return caption + "\n\n" + _markdown(headers, body)
+
+
+# ============================================================================ a sweep
+
+
+def collect(sweep_dir: str | Path, result_file: str = "result.json", newer_than: float | None = None) -> list[dict]:
+    """Run JSONs under `sweep_dir` (any depth), ordered by job number; `newer_than`: mtime cut-off."""
+    records = []
+    for path in Path(sweep_dir).rglob(result_file):
+        if newer_than is not None and path.stat().st_mtime < newer_than:
+            continue  # left by an earlier sweep into the same folder
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        record.setdefault("job", {})["output_dir"] = str(path.parent)
+        records.append(record)
+    return sorted(records, key=lambda r: (_num(r.get("job", {}).get("num")), r["job"]["output_dir"]))
+
+
+def table_rows(records: Iterable[dict]) -> list[dict]:
+    """One flat row per run, columns TABLE_COLUMNS."""
+    rows = []
+    for r in records:
+        m, cfg = r.get("metrics", {}), r.get("config", {})
+        strategy = cfg.get("strategy", {})
+        rows.append({
+            "job": r.get("job", {}).get("num"),
+            "strategy": strategy_label(r),
+            "budget": _budget_value(strategy),
+            "model": r.get("choices", {}).get("model") or _get(cfg, "model.name"),
+            "task": _get(cfg, "task.name"),
+            "n_samples": m.get("n_samples"),
+            "score": m.get("score"),
+            "full_score": m.get("full_score"),
+            "kept_fraction": m.get("kept_fraction"),
+            "kv_mib_before": _mib(m.get("kv_bytes_before")),
+            "kv_mib_after": _mib(m.get("kv_bytes_after")),
+            "prefill_s": m.get("prefill_seconds"),
+            "decode_tok_s": m.get("decode_tokens_per_second"),
+            "peak_mib": _mib(m.get("peak_memory_bytes")),
+            "overrides": " ".join(r.get("overrides", [])),
+            "output_dir": r.get("job", {}).get("output_dir"),
+        })
+    return rows
+
+
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(TABLE_COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def markdown_table(rows: list[dict], columns: Iterable[str] = TABLE_COLUMNS[:-2]) -> str:
+    columns = list(columns)
+    return _markdown(columns, [[_fmt(row.get(c)) for c in columns] for row in rows])
+
+
+def write_markdown(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(markdown_table(rows, TABLE_COLUMNS) + "\n")
+    return path
+
+
+def plot_score_vs_budget(rows: list[dict], path: str | Path) -> Path | None:
+    """PNG: score against budget, one line per strategy (and per model / task if the sweep varied them);
+    the full cache's score as a dashed line. None when no row has a score."""
+    # the object API on an Agg canvas: renders to a file without a display and without touching
+    # pyplot's global backend (a caller's own matplotlib setup stays as it is)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    points = [r for r in rows if _is_number(r.get("score")) and _is_number(r.get("budget"))]
+    if not points:
+        return None
+    several = len({(r["model"], r["task"]) for r in points}) > 1
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    lines: dict[str, list] = {}
+    for r in points:
+        label = r["strategy"] + (f" [{r['model']} / {r['task']}]" if several else "")
+        lines.setdefault(label, []).append((float(r["budget"]), float(r["score"])))
+    for label, xy in sorted(lines.items()):
+        xy.sort()
+        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=label)
+    fulls: dict[tuple, list[float]] = {}
+    for r in points:
+        if _is_number(r.get("full_score")):
+            fulls.setdefault((r["model"], r["task"]), []).append(float(r["full_score"]))
+    for (model, task), values in sorted(fulls.items()):
+        label = "full cache" + (f" [{model} / {task}]" if several else "")
+        ax.axhline(sum(values) / len(values), linestyle="--", color="grey", label=label)
+    ax.set_xlabel("budget (fraction of prompt tokens kept)")
+    ax.set_ylabel("score")
+    title = ", ".join(sorted({f"{r['model']} / {r['task']}" for r in points}))
+    ax.set_title(f"score vs budget: {title}" if not several else "score vs budget")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def write_sweep_summary(sweep_dir: str | Path, result_file: str = "result.json",
+                        newer_than: float | None = None) -> dict[str, Path]:
+    """results.csv, results.md and score_vs_budget.png in `sweep_dir` from its runs' JSONs."""
+    sweep_dir = Path(sweep_dir)
+    rows = table_rows(collect(sweep_dir, result_file, newer_than))
+    if not rows:
+        return {}
+    out = {
+        "csv": write_csv(rows, sweep_dir / "results.csv"),
+        "markdown": write_markdown(rows, sweep_dir / "results.md"),
+    }
+    png = plot_score_vs_budget(rows, sweep_dir / "score_vs_budget.png")
+    if png is not None:
+        out["png"] = png
+    return out
+
+
+# ============================================================================ helpers
+
+
+def strategy_label(record: dict) -> str:
+    """What a run's strategy is called in tables: the config-group choice, else name / class of _target_."""
+    strategy = record.get("config", {}).get("strategy", {})
+    if strategy.get("_target_"):
+        return str(strategy["_target_"]).rsplit(".", 1)[-1]
+    return strategy.get("name") or record.get("choices", {}).get("strategy") or "?"
+
+
+def _budget_value(strategy: dict):
+    if strategy.get("name") == "full":
+        return 1.0
+    if strategy.get("budget_tokens") is not None:
+        return None  # an absolute budget has no place on a fraction axis
+    return strategy.get("budget")
+
+
+def _budget_text(strategy: dict) -> str:
+    if strategy.get("budget_tokens") is not None:
+        return f"{strategy['budget_tokens']} tokens"
+    return _fmt(strategy.get("budget"))
+
+
+def _get(cfg: dict, dotted: str):
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _mib(n):
+    return None if n is None else n / MIB
+
+
+def _num(x) -> float:
+    return float(x) if _is_number(x) else math.inf
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def _markdown(headers: list[str], body: list[list[str]]) -> str:
+    widths = [max([len(h)] + [len(row[i]) for row in body]) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
