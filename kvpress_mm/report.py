@@ -38,12 +38,12 @@ class LayerReport:
     after_tokens: int
     before_bytes: int
     after_bytes: int
-    kept_fraction: float  # real tokens kept / real prompt tokens, averaged over rows and kv heads
+    kept_fraction: float | None  # real tokens kept / real prompt tokens (rows, kv heads); None: not compressible
 
 
 @dataclass
 class CompressionReport:
-    """What the last prefill's compression did, per layer (uncompressed layers appear unchanged)."""
+    """What the last prefill's compression did, per layer (sliding-window layers appear unchanged)."""
 
     layers: dict[int, LayerReport] = field(default_factory=dict)
 
@@ -65,9 +65,9 @@ class CompressionReport:
 
     @property
     def kept_fraction(self) -> float:
-        if not self.layers:
-            return 1.0
-        return sum(r.kept_fraction for r in self.layers.values()) / len(self.layers)
+        """Mean over the compressible layers (sliding-window layers are not counted)."""
+        fractions = [r.kept_fraction for r in self.layers.values() if r.kept_fraction is not None]
+        return sum(fractions) / len(fractions) if fractions else 1.0
 
     def summary(self) -> str:
         mib = 1024 * 1024

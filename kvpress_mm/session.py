@@ -114,8 +114,7 @@ class CompressionSession:
             set_decoder_attention(self.model, self.decoder, _register_wrapper(self.backend))
             for idx, module in self.attention_modules.items():
                 _ACTIVE[id(module)] = self
-                if idx in self.managed:
-                    self._handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
+                self._handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
             self._handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
             self._active = True
         except BaseException:
@@ -270,6 +269,12 @@ class CompressionSession:
         layer = cache.layers[idx]
         keys = getattr(layer, "keys", None)
         if keys is None or keys.dim() != 4:
+            return
+        if idx not in self.managed:
+            # sliding-window layers stay as they are; the report still counts their bytes
+            if idx not in self.report.layers:
+                size, nbytes = keys.shape[2], layer_bytes(keys, layer.values)
+                self.report.layers[idx] = LayerReport(size, size, nbytes, nbytes, None)
             return
         if idx not in self.states:
             if keys.shape[2] == self.modality.shape[1]:

@@ -115,3 +115,18 @@ def test_sliding_layers_logged_once(caplog):
     assert len(messages) == 1
     sliding = adapter_for(t.model).sliding_layers(t.model)
     assert sliding and not (set(press.kept) & set(sliding))
+
+
+def test_report_counts_sliding_layers_unchanged():
+    t = tiny("gemma3")
+    inputs = t.make_inputs(rows_for(t))
+    with kvpress_mm.get_strategy("snapkv", budget=0.3)(t.model) as press:
+        generate(t.model, inputs, steps=2)
+    sliding = adapter_for(t.model).sliding_layers(t.model)
+    assert set(press.report.layers) == set(range(t.model.config.text_config.num_hidden_layers))
+    for idx in sliding:
+        r = press.report.layers[idx]
+        assert r.before_bytes == r.after_bytes and r.kept_fraction is None
+    full = [i for i in press.report.layers if i not in sliding]
+    assert all(press.report.layers[i].after_bytes < press.report.layers[i].before_bytes for i in full)
+    assert abs(press.report.kept_fraction - sum(press.report.layers[i].kept_fraction for i in full) / len(full)) < 1e-9

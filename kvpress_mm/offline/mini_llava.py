@@ -33,14 +33,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from . import paths  # noqa: E402
-from .images import IMAGE_SIZE, preprocess_images  # noqa: E402
+from . import paths
+from .images import IMAGE_SIZE, preprocess_images
 
 # Bump when the conversion changes: a cache built by another format version is rebuilt.
 FORMAT_VERSION = 1

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-from .paths import SMOLLM2_GGUF_FILE, smollm2_gguf_dir  # noqa: E402
+from .paths import SMOLLM2_GGUF_FILE, smollm2_gguf_dir
 
 
 def load_smollm2_tokenizer():
