@@ -11,10 +11,18 @@ from .layer import AttentionNeeds, LayerKV, Plan
 from .modality import Modality
 from .registry import get_strategy, list_strategies, register_preset, register_strategy
 from .report import CacheSize, CompressionReport, cache_size
-from .session import CompressionSession
 from .strategy import EvictionStrategy
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # the session imports transformers (seconds); load it on first use so `kvpress-mm --help` stays fast
+    if name == "CompressionSession":
+        from .session import CompressionSession
+
+        return CompressionSession
+    raise AttributeError(f"module 'kvpress_mm' has no attribute {name!r}")
 
 __all__ = [
     "AttentionNeeds",
