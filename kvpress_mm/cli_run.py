@@ -27,6 +27,18 @@ def run_eval(cfg: DictConfig) -> dict:
         raise SystemExit(2) from None
 
 
+# a multirun on the basic launcher runs every job in this process: load each model once
+_BUNDLES: dict = {}
+
+
+def _load_once(load_model, name: str, options: dict):
+    key = (name, repr(sorted(options.items())))
+    if key not in _BUNDLES:
+        _BUNDLES.clear()  # hold one model at a time
+        _BUNDLES[key] = load_model(name, **options)
+    return _BUNDLES[key]
+
+
 def _run_eval(cfg: DictConfig) -> dict:
     from kvpress_mm.eval import evaluate, load_model
 
@@ -35,7 +47,7 @@ def _run_eval(cfg: DictConfig) -> dict:
     task = build_task(cfg.task)
     model_name, options = model_call(cfg.model)
     try:
-        bundle = load_model(model_name, **options)
+        bundle = _load_once(load_model, model_name, options)
     except (ValueError, TypeError) as err:
         raise ConfigError("model", str(err)) from None
     loaded = time.perf_counter()

@@ -155,3 +155,24 @@ def test_bad_arguments(llava, fid_task):
         evaluate(llava, fid_task, "full", batch_size=0, progress=False)
     with pytest.raises(TypeError, match="strategy"):
         evaluate(llava, fid_task, 0.5, progress=False)
+
+
+def test_full_cache_reference_runs_once_per_batch_in_a_sweep(monkeypatch):
+    from kvpress_mm.eval import evaluate, get_task, load_model
+    from kvpress_mm.eval import runner
+
+    bundle = load_model("tiny_llava")
+    task = get_task("fidelity", n_samples=2, max_new_tokens=3)
+    calls = []
+    original = runner._generate
+
+    def counting(bundle_, inputs, strategy, *args, **kwargs):
+        calls.append(strategy is None)
+        return original(bundle_, inputs, strategy, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "_generate", counting)
+    first = evaluate(bundle, task, "snapkv", progress=False)
+    full_runs = calls.count(True)
+    second = evaluate(bundle, task, "h2o", progress=False)
+    assert full_runs >= 2 and calls.count(True) <= full_runs + 1  # at most a warm-up again, no full references
+    assert [r["full_prediction"] for r in first.samples] == [r["full_prediction"] for r in second.samples]

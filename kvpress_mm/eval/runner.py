@@ -38,6 +38,10 @@ from .models.bundle import ModelBundle
 from .tasks import Task, get_task
 from .timing import ForwardTimer
 
+# full-cache generations by (model, task config, batch): a sweep over strategies and budgets in one
+# process runs the reference once per batch instead of once per sweep point
+_FULL_RUNS: dict = {}
+
 # a short generate on the first batch before anything is timed (first-call overheads: kernels, allocator)
 WARMUP_NEW_TOKENS = 2
 
@@ -278,7 +282,12 @@ def evaluate(bundle: ModelBundle, task: Task | str, strategy, *, batch_size: int
                 _generate(bundle, inputs, None, WARMUP_NEW_TOKENS, device)
             full = None
             if run_full:
-                full = _generate(bundle, inputs, None, task.max_new_tokens, device, logits=fidelity_mode)
+                key = (id(bundle.model), bundle.name, json.dumps(task.config(), sort_keys=True, default=str),
+                       batch_size, k, fidelity_mode)
+                full = _FULL_RUNS.get(key)
+                if full is None:
+                    full = _generate(bundle, inputs, None, task.max_new_tokens, device, logits=fidelity_mode)
+                    _FULL_RUNS[key] = full
                 full_len = _lengths(full.new_tokens, eos)
                 times["full_prefill"].append(full.prefill_seconds)
                 times["full_decode_s"] += full.decode_seconds
