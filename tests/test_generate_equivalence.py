@@ -38,8 +38,9 @@ def test_eviction_equals_masked_full_cache(family, name):
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
     assert torch.equal(tokens, ref_tokens)
     # the physical cache shrank to the largest kept count of a (row, kv head) in each layer
-    for idx, report in press.report.layers.items():
-        assert report.after_tokens == int(kept[idx].sum(-1).max()) < report.before_tokens
+    for idx, keep in kept.items():
+        report = press.report.layers[idx]
+        assert report.after_tokens == int(keep.sum(-1).max()) < report.before_tokens
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
