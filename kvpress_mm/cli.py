@@ -4,9 +4,10 @@
     kvpress-mm strategy=snapkv strategy.budget=0.1 model=tiny_llava task=fidelity
     kvpress-mm -m strategy=h2o,snapkv,look_m strategy.budget=0.05,0.1,0.2
     kvpress-mm eval ...                               # the same: `eval` is the default command
+    kvpress-mm bench models=[tiny] lengths=[1024,4096]  # the performance benchmark
 
-The first word may name a command (a config under conf/ with its own job function); only `eval`
-exists today, and a later command (e.g. `bench`) is one more entry in COMMANDS. Everything after it is
+The first word may name a command (a config under conf/ with its own job function): `eval`
+and `bench` (the performance benchmark) exist; a new command is one more entry in COMMANDS. Everything after it is
 Hydra's usual command line (overrides, -m, --cfg job, --help, ...). See docs/configuration.md.
 """
 
@@ -24,10 +25,15 @@ class Command:
     config_name: str  # conf/<config_name>.yaml
     job: str  # "module:function", the Hydra task function (imported only when the command runs)
     help: str
+    preflight: bool = True  # compose and build every sweep point before running (strategy/model/task)
 
 
 COMMANDS = {
     "eval": Command("eval", "kvpress_mm.cli_run:run_eval", "evaluate a strategy against the full cache (default)"),
+    "bench": Command(
+        "bench", "kvpress_mm.cli_bench:run_bench", "prefill / decode / memory of every strategy vs plain sdpa",
+        preflight=False,
+    ),
 }
 DEFAULT_COMMAND = "eval"
 TARGET_KEY = "strategy._target_"
@@ -82,7 +88,7 @@ def _prepare(command: Command, argv: list[str], target: str | None) -> None:
 
     register_configs(target=target)
     args, _ = get_args_parser().parse_known_args(argv)
-    if any(getattr(args, flag, None) for flag in _NO_RUN_FLAGS):
+    if any(getattr(args, flag, None) for flag in _NO_RUN_FLAGS) or not command.preflight:
         return
     check_command_line(args.config_name or command.config_name, args.overrides, args.multirun, args.config_dir)
 

@@ -128,3 +128,15 @@ def test_bad_override_is_one_line(tmp_path):
     assert not (tmp_path / "multirun").exists()  # failed before any job started, even the good one
 
 
+
+
+def test_bench_command_writes_json_table_and_plot(tmp_path):
+    result = kvpress_mm(
+        ["bench", "models=[micro]", "lengths=[48]", "strategies=[snapkv]", "budgets=[0.25]", "repeats=1",
+         "decode_tokens=2", "eager_reference=false", f"hydra.run.dir={tmp_path / 'b'}"],
+        cwd=tmp_path,
+    )
+    ok(result)
+    records = json.loads((tmp_path / "b" / "bench.json").read_text())["records"]
+    assert [(r["model"], r["strategy"], r["budget"]) for r in records] == [("micro", "snapkv", 0.25)]
+    assert "prefill / sdpa" in result.stdout and (tmp_path / "b" / "bench.png").exists()

@@ -37,7 +37,7 @@ class BenchSettings:
     dtype: str = "float32"
     eager_reference: bool = True
     eager_max_length: int = 4096  # the L x L reference needs ~heads * L^2 * 4 bytes per layer
-    output_dir: str = "."
+    output_dir: str | None = "."
 
 
 def _median(values: list[float]) -> float:
@@ -65,7 +65,8 @@ def _measure_pair(bench, inputs, strategy, settings, device, eager=False) -> dic
         "prefill_ratio": _median(comp["t"]) / _median(plain["t"]),
         "peak_bytes": _median(comp["mem"]),
         "plain_peak_bytes": _median(plain["mem"]),
-        "peak_memory_ratio": _median(comp["mem"]) / max(1.0, _median(plain["mem"])),
+        # a floor of 1 MiB keeps tiny prompts (whose plain peak is ~0) from giving absurd ratios
+        "peak_memory_ratio": _median(comp["mem"]) / max(2.0**20, _median(plain["mem"])),
     }
     if comp["dec"]:
         record.update(

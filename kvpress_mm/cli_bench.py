@@ -1,0 +1,32 @@
+"""The `bench` command's job: run the benchmark matrix and print its Markdown table."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from kvpress_mm.bench import BenchSettings, run_benchmark
+from kvpress_mm.bench.report import markdown_table
+
+
+def run_bench(cfg: DictConfig) -> list[dict]:
+    """Hydra task function: bench.json / bench.md / bench.png go to the output directory."""
+    import kvpress_mm
+
+    values = OmegaConf.to_container(cfg, resolve=True)
+    fields = {f.name for f in dataclasses.fields(BenchSettings)}
+    settings = BenchSettings(**{k: v for k, v in values.items() if k in fields})
+    if settings.output_dir is None:
+        settings.output_dir = HydraConfig.get().runtime.output_dir
+    unknown = [n for n in settings.strategies if n not in kvpress_mm.list_strategies()]
+    if unknown:
+        print(f"kvpress-mm: error: strategies: unknown {unknown}; choose from {kvpress_mm.list_strategies()}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    records = run_benchmark(settings)
+    print(markdown_table(records))
+    print(f"results: {settings.output_dir}/bench.json, bench.md, bench.png")
+    return records
