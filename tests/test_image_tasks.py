@@ -49,7 +49,7 @@ def test_registered_and_deterministic(name):
 
 
 def test_image_needle():
-    task = get_task("image_needle", n_samples=10, num_images=5)
+    task = get_task("image_needle", n_samples=10, num_images=5, needle="digit")
     for s in task.samples():
         assert s.num_images == 5 and s.answer.isdigit() and len(s.answer) == 1
         labels = [c for c in s.content if isinstance(c, str) and re.fullmatch(r"Image \d+:", c)]
@@ -70,14 +70,14 @@ def test_image_needle():
     for s in index.samples():
         assert s.answer == str(s.meta["needle_image"])
         assert index.score(s, f"Image {s.answer}") == 1.0
-    long = get_task("image_needle", n_samples=2, context_tokens=400).samples()
+    long = get_task("image_needle", n_samples=2, context_tokens=400, num_images=5).samples()
     assert all(300 <= s.meta["approx_text_tokens"] <= 600 for s in long)
     with pytest.raises(ValueError):
         get_task("image_needle", needle="cat")
 
 
 def test_needle_image_differs_from_haystack():
-    s = get_task("image_needle", n_samples=1, num_images=4, seed=1).samples()[0]
+    s = get_task("image_needle", n_samples=1, num_images=4, seed=1, needle="digit").samples()[0]
     for k, img in enumerate(s.images):
         px = np.asarray(img).reshape(-1, 3)
         colours = {tuple(c) for c in px[::7]}

@@ -24,6 +24,20 @@ def _tokens(text: str) -> tuple[int, ...]:
     return values
 
 
+def _weights(text: str) -> dict[str, float]:
+    """"a=1,b=0.5" -> {"a": 1.0, "b": 0.5}"""
+    out = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        key, _, value = part.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected name=weight pairs, got {part!r}") from None
+    return out
+
+
 def parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m kvpress_mm.train_projector", description=__doc__,
@@ -39,6 +53,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-tokens", type=_tokens, default=d.image_tokens,
                    help="training image token counts, cycled per step (comma list of 256/64/16); "
                         "inference always uses 256 (default 256)")
+    p.add_argument("--init", default=None, metavar="PROJECTOR",
+                   help="start from this projector file (e.g. a previous stage) instead of a fresh init")
+    p.add_argument("--kinds", type=_weights, default=None,
+                   help="scene kinds and weights, e.g. single_shape=0.35,single_digit=0.3,multi=0.25,single_word=0.1")
+    p.add_argument("--qtype-weights", type=_weights, default=None,
+                   help="question types and weights, e.g. colour=1,shape=1,digit=1,word=0.6,count=0.6,position=0.5,caption=0.4")
     p.add_argument("--align-steps", type=int, default=0,
                    help="warm start: steps mapping object patches onto the LM's word embeddings (align.py); 0 = none")
     p.add_argument("--align-lr", type=float, default=2e-3)
@@ -48,6 +68,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="cache root (model, features); default $KVPRESS_MM_CACHE or ~/.cache/kvpress_mm")
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--time-limit", type=float, default=None, help="stop (and save) after this many minutes")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop (and save) after N steps while the learning-rate schedule still spans --steps")
     p.add_argument("--resume", action="store_true", help="continue from <log-dir>/trainer_state.pt")
     p.add_argument("--heldout", type=int, default=0, metavar="N",
                    help="after training (or with --eval-only), answer N held-out questions per type (colour, shape, digit)")
@@ -92,8 +114,8 @@ def main(argv=None) -> int:
         steps=args.steps, seed=args.seed, batch_size=args.batch_size, n_images=args.n_images, turns=args.turns,
         lr=args.lr, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio, image_tokens=args.image_tokens,
         threads=args.threads, out=args.out, log_dir=args.log_dir, cache_dir=args.cache_dir,
-        save_every=args.save_every, time_limit_minutes=args.time_limit, resume=args.resume, progress=progress,
-        kinds=dict(DEFAULT_KINDS), align_steps=args.align_steps, align_lr=args.align_lr,
+        save_every=args.save_every, time_limit_minutes=args.time_limit, stop_after=args.stop_after, resume=args.resume, progress=progress,
+        kinds=dict(args.kinds or DEFAULT_KINDS), init=args.init, qtype_weights=args.qtype_weights, align_steps=args.align_steps, align_lr=args.align_lr,
     )
     print(f"[train] {' '.join(sys.argv)}", flush=True)
     from .trainer import train

@@ -57,6 +57,17 @@ class StandardizedProjector(nn.Module):
         x = (x.to(self.mean.dtype) - self.mean) / self.std
         return self.linear_2(self.act(self.linear_1(x)))
 
+    def load_llava_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Start from a LLaVA projector state dict (inverse of `llava_state_dict`: the standardisation is
+        unfolded from linear_1, so the module computes the same function)."""
+        w = state["linear_1.weight"].double()
+        mu, sd = self.mean.double(), self.std.double()
+        with torch.no_grad():
+            self.linear_1.weight.copy_((w * sd).float())
+            self.linear_1.bias.copy_((state["linear_1.bias"].double() + w @ mu).float())
+            self.linear_2.weight.copy_(state["linear_2.weight"].float())
+            self.linear_2.bias.copy_(state["linear_2.bias"].float())
+
     def llava_state_dict(self) -> dict[str, torch.Tensor]:
         """The equivalent LLaVA projector state dict (standardisation folded into linear_1), fp32."""
         w1 = self.linear_1.weight.detach().double()
@@ -96,5 +107,6 @@ def save_llava_projector(state: dict[str, torch.Tensor], path, metadata: dict | 
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
     import os
 
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path

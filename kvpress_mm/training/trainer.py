@@ -47,8 +47,11 @@ class TrainConfig:
     cache_dir: str | None = None
     save_every: int = 25
     time_limit_minutes: float | None = None  # stop early (and save) when exceeded
+    stop_after: int | None = None            # stop (and save) after this many steps; the schedule still uses `steps`
     resume: bool = False
     progress: bool = True
+    init: str | None = None                  # start from this projector file (a previous stage) instead of a fresh init
+    qtype_weights: dict | None = None        # question type -> weight (default data.DEFAULT_QTYPE_WEIGHTS)
     align_steps: int = 0                     # warm start (align.py) before the cross-entropy steps; 0 = none
     align_lr: float = 2e-3
     kinds: dict = field(default_factory=lambda: dict(DEFAULT_KINDS))
@@ -130,6 +133,10 @@ def train(cfg: TrainConfig, model=None, processor=None, log=print) -> dict:
     projector = StandardizedProjector.like(model.model.multi_modal_projector, mean, std)
     emb_std = float(model.model.language_model.embed_tokens.weight.std())
     projector.init(cfg.seed, out_std=emb_std, sample=features[:8])
+    if cfg.init:
+        from kvpress_mm.offline.mini_llava import read_projector_state
+
+        projector.load_llava_state_dict(read_projector_state(cfg.init))
     align_losses: list[float] = []
     if cfg.align_steps and not (cfg.resume and (log_dir / "trainer_state.pt").is_file()):
         from .align import align_projector
@@ -194,7 +201,7 @@ def train(cfg: TrainConfig, model=None, processor=None, log=print) -> dict:
             k = step * cfg.batch_size + j
             idx = image_at(k)
             rng = random.Random(f"qa:{cfg.seed}:{k}")
-            qas = pick_qas(scenes[idx], rng, cfg.turns)
+            qas = pick_qas(scenes[idx], rng, cfg.turns, cfg.qtype_weights)
             examples.append(builder.build(qas, j, tokens))
         feats = pool_tokens(features[[image_at(step * cfg.batch_size + j) for j in range(cfg.batch_size)]].float(), tokens)
         batch = collate(examples, feats, pad_id)
@@ -206,7 +213,7 @@ def train(cfg: TrainConfig, model=None, processor=None, log=print) -> dict:
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(projector.parameters(), cfg.grad_clip)
         optimizer.step()
-        value = float(loss)
+        value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"non-finite loss {value} at step {step}")
         ema = value if ema is None else 0.95 * ema + 0.05 * value
@@ -219,6 +226,9 @@ def train(cfg: TrainConfig, model=None, processor=None, log=print) -> dict:
         bar.set_postfix(loss=f"{value:.3f}", ema=f"{ema:.3f}", acc=f"{stats['token_acc']:.2f}")
         if (step + 1) % cfg.save_every == 0:
             save(step + 1, elapsed)
+        if cfg.stop_after is not None and step + 1 >= cfg.stop_after:
+            stopped_early = step + 1 < cfg.steps
+            break
         if cfg.time_limit_minutes and (time.time() - t_start) / 60 > cfg.time_limit_minutes:
             log(f"[train] time limit reached after step {step + 1}")
             stopped_early = True
