@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +19,16 @@ def _rss_field(name: str) -> int:
         if line.startswith(name + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"{name} not found in {_STATUS}")
+
+
+def _trim_heap() -> None:
+    """Hand glibc's cached free blocks back to the OS, so the RSS at entry is what is really in use."""
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def rss_peak_supported() -> bool:
@@ -40,6 +52,7 @@ def peak_memory(device: torch.device):
         torch.cuda.synchronize(device)
         result["bytes"] = torch.cuda.max_memory_allocated(device) - start
         return
+    _trim_heap()
     # writing 5 to clear_refs resets the RSS high-water mark (VmHWM) of this process (Linux >= 4.0)
     _CLEAR_REFS.write_text("5")
     start = _rss_field("VmRSS")
