@@ -1,4 +1,4 @@
-"""The image-grounded long-context tasks: image_needle, image_counting, image_in_text (no model needed)."""
+"""The image-grounded long-context tasks: image_needle, image_lookup, image_counting, image_in_text (no model needed)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from PIL import Image
 
 import kvpress_mm.eval.tasks.image_counting  # noqa: F401  (registers the task)
 import kvpress_mm.eval.tasks.image_in_text  # noqa: F401
+import kvpress_mm.eval.tasks.image_lookup  # noqa: F401
 import kvpress_mm.eval.tasks.image_needle  # noqa: F401
 from kvpress_mm.eval import Sample, get_task, list_tasks
 from kvpress_mm.eval.tasks.image_common import image_index_in, numbers_in
-from kvpress_mm.vision_data import COLORS, SHAPES
+from kvpress_mm.vision_data import COLORS, SHAPES, multi
 
-TASKS = ("image_needle", "image_counting", "image_in_text")
+TASKS = ("image_needle", "image_lookup", "image_counting", "image_in_text")
 
 
 def _same(a: list[Sample], b: list[Sample]) -> bool:
@@ -48,24 +49,45 @@ def test_registered_and_deterministic(name):
         get_task(name, no_such_field=1)
 
 
+def _labels(s: Sample) -> list[str]:
+    return [c for c, d in zip(s.content, s.content[1:]) if isinstance(c, str) and isinstance(d, Image.Image)]
+
+
+def _objects(img: Image.Image) -> set:
+    """The palette colours drawn in an image (flat fills: exact RGB values)."""
+    px = {tuple(c) for c in np.asarray(img).reshape(-1, 3)[::3]}
+    return {name for name, rgb in COLORS.items() if rgb in px}
+
+
 def test_image_needle():
     task = get_task("image_needle", n_samples=10, num_images=5, needle="digit")
     for s in task.samples():
         assert s.num_images == 5 and s.answer.isdigit() and len(s.answer) == 1
-        labels = [c for c in s.content if isinstance(c, str) and re.fullmatch(r"Image \d+:", c)]
-        assert labels == [f"Image {k}:" for k in range(1, 6)]
-        # the needle image has a big single-coloured digit; the haystack images have no text
+        assert _labels(s) == [f"Image {k}:" for k in range(1, 6)]
+        assert s.content[0] == multi.INTRO and s.content[-1] == "One of the images shows a digit. Which digit is it?"
         assert 1 <= s.meta["needle_image"] <= 5
+        # one colour per image: the needle's colour is nowhere else
+        colours = [_objects(img) for img in s.images]
+        assert all(len(c) == 1 for c in colours) and len(set.union(*colours)) == 5
     s = task.samples()[0]
     assert task.score(s, f"The digit is {s.answer}.") == 1.0
     assert task.score(s, f"Image {s.meta['needle_image']} shows the digit {s.answer}.") == 1.0
     wrong = str((int(s.answer) + 1) % 10)
     assert task.score(s, wrong) == 0.0 and task.score(s, f"{s.answer} or {wrong}") == 0.0
     assert task.score(s, "I cannot tell.") == 0.0
+    shape = get_task("image_needle", n_samples=6)
+    assert (shape.num_images, shape.needle, shape.ask) == (3, "shape", "content")
+    for s in shape.samples():
+        assert s.answer in SHAPES and s.content[-1] == "One of the images shows a shape. Which shape is it?"
+        assert shape.score(s, s.answer.capitalize() + ".") == 1.0
+        assert shape.score(s, f"{s.answer} and {next(x for x in SHAPES if x != s.answer)}") == 0.0
+        assert 700 <= s.meta["approx_text_tokens"] + 256 * 3 <= 1200
     star = get_task("image_needle", n_samples=3, needle="star")
     for s in star.samples():
         assert s.answer in COLORS and "star" in s.content[-1]
         assert star.score(s, s.answer.capitalize() + ".") == 1.0
+    colour = get_task("image_needle", n_samples=3, needle="shape", ask="colour")
+    assert all(s.answer in COLORS and s.content[-1].endswith("What colour is the shape?") for s in colour.samples())
     index = get_task("image_needle", n_samples=3, ask="index", num_images=4)
     for s in index.samples():
         assert s.answer == str(s.meta["needle_image"])
@@ -74,17 +96,47 @@ def test_image_needle():
     assert all(300 <= s.meta["approx_text_tokens"] <= 600 for s in long)
     with pytest.raises(ValueError):
         get_task("image_needle", needle="cat")
+    with pytest.raises(ValueError):
+        get_task("image_needle", num_images=9)
 
 
 def test_needle_image_differs_from_haystack():
-    s = get_task("image_needle", n_samples=1, num_images=4, seed=1, needle="digit").samples()[0]
-    for k, img in enumerate(s.images):
-        px = np.asarray(img).reshape(-1, 3)
-        colours = {tuple(c) for c in px[::7]}
-        if k + 1 == s.meta["needle_image"]:
-            assert len(colours) > 8  # anti-aliased text: many intermediate colours
-        else:
-            assert len(colours) <= 4  # background + up to three flat shapes
+    for needle in ("shape", "digit"):
+        s = get_task("image_needle", n_samples=1, num_images=4, seed=1, needle=needle).samples()[0]
+        for k, img in enumerate(s.images):
+            px = np.asarray(img).reshape(-1, 3)
+            is_text = len({tuple(c) for c in px[::7]}) > 8  # anti-aliased text: many intermediate colours
+            assert is_text == ((k + 1 == s.meta["needle_image"]) == (needle == "digit"))
+
+
+def test_image_lookup():
+    task = get_task("image_lookup", n_samples=8)
+    assert (task.num_images, task.cue, task.question) == (3, "name", "mixed")
+    for i, s in enumerate(task.samples()):
+        assert s.num_images == 3 and s.meta["qtype"] == ("shape", "colour")[i % 2]
+        labels = _labels(s)
+        assert all(lab.endswith("'s picture:") for lab in labels) and len(set(labels)) == 3
+        assert labels[s.meta["target_image"] - 1] == s.meta["label"] + ":"
+        assert s.meta["label"] in s.content[-1]
+        assert s.answer not in s.meta["others"] and len(set(s.meta["others"])) == 2
+        assert task.score(s, f"It is {s.answer}.") == 1.0
+        assert task.score(s, s.meta["others"][0]) == 0.0
+        assert task.score(s, f"{s.answer} or {s.meta['others'][0]}") == 0.0
+        assert 700 <= s.meta["approx_text_tokens"] + 256 * 3 <= 1200
+        # the filler never names a palette colour or a shape
+        doc = " ".join(c for c in s.content[:-1] if isinstance(c, str))
+        assert not re.search(r"\b(" + "|".join(list(COLORS) + list(SHAPES)) + r")s?\b", doc, re.IGNORECASE)
+    index = get_task("image_lookup", n_samples=4, cue="index", question="digit", num_images=5, context_tokens=0)
+    for s in index.samples():
+        assert _labels(s) == [f"Image {k}:" for k in range(1, 6)] and s.answer.isdigit()
+        assert s.content[-1] == f"What digit is shown in Image {s.meta['target_image']}?"
+        assert index.score(s, f"The digit is {s.answer}") == 1.0 and index.score(s, s.meta["others"][0]) == 0.0
+    last = get_task("image_lookup", n_samples=3, target_position=1.0).samples()
+    assert all(s.meta["target_image"] == 3 for s in last)
+    with pytest.raises(ValueError):
+        get_task("image_lookup", num_images=5)  # only four distinct shapes
+    with pytest.raises(ValueError):
+        get_task("image_lookup", cue="colour")
 
 
 def test_image_counting():

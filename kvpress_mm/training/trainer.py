@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE, ExampleBuilder, collate, pick_qas
+from .data import IGNORE, Example, ExampleBuilder, collate, multi_image_episode, pick_qas, single_object_pools
 from .features import cached_features, pool_tokens
 from .projector import StandardizedProjector, channel_stats, save_llava_projector
 
@@ -54,6 +54,10 @@ class TrainConfig:
     qtype_weights: dict | None = None        # question type -> weight (default data.DEFAULT_QTYPE_WEIGHTS)
     align_steps: int = 0                     # warm start (align.py) before the cross-entropy steps; 0 = none
     align_lr: float = 2e-3
+    multi_image: float = 0.0                 # fraction of examples that are 2-4 image prompts (data.multi_image_episode)
+    multi_filler_tokens: int = 0             # up to this much filler text after each image of half the multi-image prompts
+    micro_batch: int | None = None           # examples per forward (gradients accumulated; None = the whole batch).
+    #                                         Same loss; avoids padding long multi-image rows and short rows together
     kinds: dict = field(default_factory=lambda: dict(DEFAULT_KINDS))
 
     def resolved_out(self) -> Path:
@@ -72,9 +76,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def projector_loss(model, projector, batch: dict, image_token_id: int) -> tuple[torch.Tensor, dict]:
+def projector_loss(model, projector, batch: dict, image_token_id: int, normaliser: float | None = None) -> tuple[torch.Tensor, dict]:
     """(loss, stats): the weighted answer cross-entropy of one batch, as LLaVA's forward would compute it with
-    these image features (image positions of the input embeddings replaced by the projected features)."""
+    these image features (image positions of the input embeddings replaced by the projected features).
+    The weighted sum is divided by `normaliser` (default: the batch's total answer weight)."""
     inner = model.model
     lm = inner.language_model
     ids = batch["input_ids"]
@@ -93,11 +98,12 @@ def projector_loss(model, projector, batch: dict, image_token_id: int) -> tuple[
     target = labels[sel]
     ce = F.cross_entropy(logits, target, reduction="none")
     w = weights[sel]
-    loss = (ce * w).sum() / w.sum()
+    loss = (ce * w).sum() / (w.sum() if normaliser is None else normaliser)
     stats = {
         "token_loss": float(ce.detach().mean()),
         "token_acc": float((logits.detach().argmax(-1) == target).float().mean()),
         "answers": float(w.sum().detach()),
+        "targets": int(target.numel()),
         "tokens": int(batch["attention_mask"].sum()),
     }
     return loss, stats
@@ -187,6 +193,27 @@ def train(cfg: TrainConfig, model=None, processor=None, log=print) -> dict:
             epochs.append(perm)
         return epochs[e][i]
 
+    pools = single_object_pools(scenes) if cfg.multi_image else None
+    filler = None
+    if cfg.multi_image and cfg.multi_filler_tokens:
+        from kvpress_mm.eval.tasks.image_common import clean_filler
+
+        def filler(rng, tokens):
+            return " ".join(clean_filler(rng, tokens))
+
+    def example_for(k: int, slot: int, tokens: int):
+        """(Example, feature rows) of the k-th training example; its images take batch rows slot, slot + 1, ..."""
+        idx = image_at(k)
+        rng = random.Random(f"qa:{cfg.seed}:{k}")
+        if cfg.multi_image and rng.random() < cfg.multi_image:
+            episode = multi_image_episode(scenes, idx, pools, rng, cfg.turns, filler, cfg.multi_filler_tokens,
+                                          cfg.qtype_weights)
+            if episode is not None:
+                segments, rows, qas = episode
+                return builder.build(qas, list(range(slot, slot + len(rows))), tokens, segments), rows
+        qas = pick_qas(scenes[idx], rng, cfg.turns, cfg.qtype_weights)
+        return builder.build(qas, slot, tokens), [idx]
+
     ema = None
     history = []
     t_train = time.time()
@@ -196,20 +223,35 @@ def train(cfg: TrainConfig, model=None, processor=None, log=print) -> dict:
     stopped_early = False
     for step in bar:
         tokens = cfg.image_tokens[step % len(cfg.image_tokens)]
-        examples = []
+        examples, rows = [], []
         for j in range(cfg.batch_size):
-            k = step * cfg.batch_size + j
-            idx = image_at(k)
-            rng = random.Random(f"qa:{cfg.seed}:{k}")
-            qas = pick_qas(scenes[idx], rng, cfg.turns, cfg.qtype_weights)
-            examples.append(builder.build(qas, j, tokens))
-        feats = pool_tokens(features[[image_at(step * cfg.batch_size + j) for j in range(cfg.batch_size)]].float(), tokens)
-        batch = collate(examples, feats, pad_id)
+            example, used = example_for(step * cfg.batch_size + j, len(rows), tokens)
+            examples.append(example)
+            rows.extend(used)
+        feats = pool_tokens(features[rows].float(), tokens)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, cfg)
-        loss, stats = projector_loss(model, projector, batch, builder.image_token_id)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        micro = cfg.micro_batch or len(examples)
+        total_weight = sum(sum(e.weights) for e in examples)
+        loss, stats, offset = 0.0, {"token_loss": 0.0, "token_acc": 0.0, "tokens": 0, "targets": 0}, 0
+        for a in range(0, len(examples), micro):
+            part = examples[a:a + micro]
+            n_rows = sum(len(e.image_indices) for e in part)
+            renumbered = [Example(e.input_ids, e.labels, e.weights, list(range(r, r + len(e.image_indices))), e.qas)
+                          for e, r in zip(part, _offsets(part))]
+            batch = collate(renumbered, feats[offset:offset + n_rows], pad_id)
+            offset += n_rows
+            part_loss, part_stats = projector_loss(model, projector, batch, builder.image_token_id, total_weight)
+            part_loss.backward()
+            loss = loss + part_loss.detach()
+            t = part_stats["targets"]
+            stats["token_loss"] += part_stats["token_loss"] * t
+            stats["token_acc"] += part_stats["token_acc"] * t
+            stats["targets"] += t
+            stats["tokens"] += part_stats["tokens"]
+        stats["token_loss"] /= max(1, stats["targets"])
+        stats["token_acc"] /= max(1, stats["targets"])
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(projector.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -255,6 +297,15 @@ def train(cfg: TrainConfig, model=None, processor=None, log=print) -> dict:
     }
     (log_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _offsets(examples) -> list[int]:
+    """The first feature row of each example when their images are stacked in order."""
+    out, r = [], 0
+    for e in examples:
+        out.append(r)
+        r += len(e.image_indices)
+    return out
 
 
 def _curve(rows: list[dict], points: int = 12) -> list[dict]:

@@ -52,6 +52,6 @@ def get_task(name: str, **fields) -> Task:
 
 
 # the built-in tasks register themselves on import
-from . import fidelity, image_counting, image_in_text, image_needle, multi_fact, text_needle  # noqa: E402,F401
+from . import fidelity, image_counting, image_in_text, image_lookup, image_needle, multi_fact, text_needle  # noqa: E402,F401
 
 __all__ = ["Task", "contains_number", "get_task", "list_tasks", "register_task", "task_fields"]

@@ -1,4 +1,4 @@
-"""Shared pieces of the image-grounded tasks (image_needle, image_counting, image_in_text).
+"""Shared pieces of the image-grounded tasks (image_needle, image_lookup, image_in_text).
 
 Images come from `kvpress_mm.vision_data` (the scenes mini_llava's projector is trained on; the task seeds
 are disjoint from the training scene seeds). Answers are scored by whole-word matching; numbers that refer to
@@ -54,12 +54,13 @@ def image_index_in(prediction: str) -> int | None:
     return int(m.group()) if m else None
 
 
-def labelled_images(images, rng: random.Random | None = None, texts: list[str] | None = None) -> list:
-    """["Image 1:", img_1, (text_1,) "Image 2:", img_2, ...]: each image after its label (and optional text
-    passages after each image)."""
+def labelled_images(images, rng: random.Random | None = None, texts: list[str] | None = None,
+                    labels: list[str] | None = None) -> list:
+    """["Image 1:", img_1, (text_1,) "Image 2:", img_2, ...]: each image after its label (default "Image k:"; e.g.
+    "Marta's picture:"), and optional text passages after each image."""
     out: list = []
     for k, img in enumerate(images):
-        out.append(f"Image {k + 1}:")
+        out.append(labels[k] if labels else f"Image {k + 1}:")
         out.append(img)
         if texts and texts[k]:
             out.append(texts[k])

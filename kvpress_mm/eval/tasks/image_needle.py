@@ -1,17 +1,19 @@
-"""image_needle: find the one image (of num_images) that shows X, MileBench "image needle in a haystack" style.
+"""image_needle: the one image (of num_images) that differs in kind, MileBench "image needle in a haystack" style.
 
-The haystack images show only plain shapes (circles, squares, triangles; no digits, no stars). The needle
-image shows
-  * needle="digit": one large digit -> "One of the images shows a digit. Which digit is it?" (answer: the digit)
-  * needle="star":  a star (alone) -> "One of the images shows a star. What colour is the star?" (answer: colour)
-With ask="index" the question is instead "Which image shows a digit / a star?" (answer: the image number;
-harder: SmolLM2-135M rarely answers with an index even when the images are described in words).
-
-Defaults (3 images, star needle) were calibrated on mini_llava with the shipped projector; see
-docs/projector.md for the full-cache scores (multi-image prompts are the projector's weak spot).
-Images are labelled "Image k:" and may be separated by filler text (context_tokens in total). Score: 1 if the
-answer contains the expected digit / colour / image number and no other candidate (numbers that refer to
-images, "image 3", are ignored for digits).
+Every image shows one object; the images are labelled "Image k:" and separated by filler text (context_tokens
+in total, split evenly after the images). The needle image is the only one of its kind:
+  * needle="shape": the only shape (circle / square / triangle / star) among digit images;
+  * needle="digit": the only digit among shape images;
+  * needle="star":  the only star among other shapes (circles, squares, triangles).
+The question (the phrasings of `kvpress_mm.vision_data.multi`, which mini_llava's projector was trained on) asks
+  * ask="content": what the needle is: its shape ("One of the images shows a shape. Which shape is it?"), its
+    digit, or for the star its colour;
+  * ask="colour": its colour;
+  * ask="index":  which image it is (answer: the image number; hard for SmolLM2-135M, see docs/projector.md).
+No haystack image has the needle's colour, so a colour answer taken from another image is wrong.
+Defaults (3 images, shape needle, 200 filler tokens, ~1000 prompt tokens) were calibrated on mini_llava with
+the shipped projector (full-cache scores in docs/projector.md). Score: 1 if the answer contains the expected
+shape / digit / colour / image number and no other candidate of that type.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from kvpress_mm.vision_data import COLORS, exclusive_match
+from kvpress_mm.vision_data import COLORS, DIGITS, SHAPES, exclusive_match, multi
 
 from ..sample import Sample
 from . import register_task
@@ -27,8 +29,10 @@ from .base import Task
 from .filler import approx_tokens, split_even
 from .image_common import clean_filler, image_index_in, labelled_images, numbers_in, task_scene
 
-INTRO = "Here are some images."
 HAYSTACK_SHAPES = ("circle", "square", "triangle")
+NEEDLES = ("shape", "digit", "star")
+ASKS = ("content", "colour", "index")
+CONTENT_QTYPE = {"shape": "shape", "digit": "digit", "star": "colour"}
 
 
 @register_task("image_needle")
@@ -39,9 +43,9 @@ class ImageNeedle(Task):
     n_samples: int = 20
     seed: int = 0
     num_images: int = 3
-    needle: str = "star"
+    needle: str = "shape"
     ask: str = "content"
-    context_tokens: int = 0
+    context_tokens: int = 200
     needle_position: float | None = None
     max_new_tokens: int = 12
 
@@ -49,57 +53,62 @@ class ImageNeedle(Task):
         super().__post_init__()
         self._check_int("num_images", 1)
         self._check_int("context_tokens", 0)
-        if self.needle not in ("digit", "star"):
-            raise ValueError(f"ImageNeedle: needle must be 'digit' or 'star', got {self.needle!r}")
-        if self.ask not in ("content", "index"):
-            raise ValueError(f"ImageNeedle: ask must be 'content' or 'index', got {self.ask!r}")
+        if self.needle not in NEEDLES:
+            raise ValueError(f"ImageNeedle: needle must be one of {NEEDLES}, got {self.needle!r}")
+        if self.ask not in ASKS:
+            raise ValueError(f"ImageNeedle: ask must be one of {ASKS}, got {self.ask!r}")
+        if self.num_images > len(COLORS):
+            raise ValueError(f"ImageNeedle: at most {len(COLORS)} images (one colour each), got {self.num_images}")
         if self.needle_position is not None:
             self._check_fraction("needle_position", self.needle_position)
 
     def samples(self) -> list[Sample]:
         return [self._sample(i) for i in range(self.n_samples)]
 
+    def _qtype(self) -> str:
+        return {"content": CONTENT_QTYPE[self.needle], "colour": "colour", "index": "index"}[self.ask]
+
     def _sample(self, i: int) -> Sample:
         rng = random.Random(f"image_needle:{self.seed}:{i}")
         n = self.num_images
         pos = rng.randrange(n) if self.needle_position is None else min(n - 1, int(self.needle_position * n))
-        images = []
+        colors = rng.sample(tuple(COLORS), n)   # one colour per image: the needle's colour is unique
+        scenes = []
         for k in range(n):
+            opts = {"color": colors[k]}
             if k == pos:
                 if self.needle == "digit":
-                    digit = str(rng.randrange(10))
-                    scene = task_scene("image_needle", self.seed, i, k, "single_digit", digit=digit)
-                    content_answer = digit
+                    kind = "single_digit"
+                    opts["digit"] = rng.choice(DIGITS)
                 else:
-                    color = rng.choice(tuple(COLORS))
-                    scene = task_scene("image_needle", self.seed, i, k, "single_shape", shape="star", color=color)
-                    content_answer = color
+                    kind = "single_shape"
+                    opts["shape"] = "star" if self.needle == "star" else rng.choice(SHAPES)
+            elif self.needle == "shape":
+                kind = "single_digit"
+                opts["digit"] = rng.choice(DIGITS)
             else:
-                scene = task_scene("image_needle", self.seed, i, k, "shapes", shapes=HAYSTACK_SHAPES,
-                                   n_objects=rng.randrange(1, 4))
-            images.append(scene.image)
+                kind = "single_shape"
+                opts["shape"] = rng.choice(HAYSTACK_SHAPES)
+            scenes.append(task_scene("image_needle", self.seed, i, k, kind, **opts))
         texts = None
         if self.context_tokens:
             sentences = clean_filler(rng, self.context_tokens)
             texts = [" ".join(part) for part in split_even(sentences, n)]
-        what = "a digit" if self.needle == "digit" else "a star"
-        if self.ask == "index":
-            question = f"One of the images shows {what}. Which image is it? Answer with the image number."
-            answer = str(pos + 1)
-        elif self.needle == "digit":
-            question = "One of the images shows a digit. Which digit is it? Answer with the digit."
-            answer = content_answer
+        qtype = self._qtype()
+        if qtype == "index":
+            what = {"shape": "a shape", "digit": "a digit", "star": "a star"}[self.needle]
+            question, answer = f"One of the images shows {what}. Which image is it? Answer with the image number.", str(pos + 1)
         else:
-            question = "One of the images shows a star. What colour is the star? Answer with one word."
-            answer = content_answer
-        content = [INTRO] + labelled_images(images, texts=texts) + [question]
+            qa = next(q for q in multi.unique_questions(scenes[pos], self.needle) if q.qtype == qtype)
+            question, answer = qa.question, qa.answer
+        content = [multi.INTRO] + labelled_images([s.image for s in scenes], texts=texts) + [question]
         return Sample(
             id=f"image_needle-{self.seed}-{i}",
             content=content,
             answer=answer,
             meta={
                 "needle": self.needle,
-                "ask": self.ask,
+                "qtype": qtype,
                 "needle_image": pos + 1,
                 "num_images": n,
                 "approx_text_tokens": sum(approx_tokens(t) for t in content if isinstance(t, str)),
@@ -107,9 +116,11 @@ class ImageNeedle(Task):
         )
 
     def score(self, sample: Sample, prediction: str) -> float:
-        if self.ask == "index":
+        qtype = sample.meta["qtype"]
+        if qtype == "index":
             return float(image_index_in(prediction) == int(sample.answer))
-        if self.needle == "digit":
+        if qtype == "digit":
             digits = [v for v in numbers_in(prediction) if v < 10]
             return float(bool(digits) and all(v == int(sample.answer) for v in digits))
-        return float(exclusive_match(prediction, sample.answer, tuple(COLORS)))
+        vocabulary = tuple(COLORS) if qtype == "colour" else SHAPES
+        return float(exclusive_match(prediction, sample.answer, vocabulary))
