@@ -98,6 +98,23 @@ def test_multi_image_episodes():
     assert seen == {"unique", "name", "index"}
 
 
+def test_count_episodes_count_the_digit_images():
+    scenes = scene_stream(5, 60, {"single_shape": 0.5, "single_digit": 0.5})
+    pools = single_object_pools(scenes)
+    counts = set()
+    for k in range(40):
+        episode = multi_image_episode(scenes, k % len(scenes), pools, random.Random(k), 2, count_share=1.0)
+        segments, rows, qas = episode
+        digits = sum(scenes[r].objects[0].kind == "digit" for r in rows)
+        assert k % len(scenes) in rows and 1 <= digits <= len(rows) <= 4
+        assert qas[0].question == multi.count_question("a digit") and qas[0].answer == str(digits)
+        assert [s for s in segments if isinstance(s, str) and s.startswith("Image")] == [
+            f"Image {i}:" for i in range(1, len(rows) + 1)]
+        assert len(qas) <= 2 and all(q.qtype in ("colour", "shape", "digit") for q in qas[1:])
+        counts.add(digits)
+    assert counts == {1, 2, 3, 4}
+
+
 # ----------------------------------------------------------------------------- with the real mini_llava
 
 

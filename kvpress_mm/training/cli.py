@@ -67,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
                         "(by its label or as the only image of its kind); 0 = single-image only")
     p.add_argument("--multi-filler", type=int, default=d.multi_filler_tokens, metavar="TOKENS",
                    help="half of the multi-image prompts get 10..TOKENS filler tokens after each image (0 = none)")
+    p.add_argument("--multi-count", type=float, default=d.multi_count, metavar="FRACTION",
+                   help="share of the multi-image prompts that ask how many of the images show a digit")
     p.add_argument("--micro-batch", type=int, default=None, metavar="N",
                    help="examples per forward pass, gradients accumulated (same loss, less padding; default: whole batch)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
         threads=args.threads, out=args.out, log_dir=args.log_dir, cache_dir=args.cache_dir,
         save_every=args.save_every, time_limit_minutes=args.time_limit, stop_after=args.stop_after, resume=args.resume, progress=progress,
         kinds=dict(args.kinds or DEFAULT_KINDS), init=args.init, qtype_weights=args.qtype_weights, align_steps=args.align_steps, align_lr=args.align_lr,
-        multi_image=args.multi_image, multi_filler_tokens=args.multi_filler, micro_batch=args.micro_batch,
+        multi_image=args.multi_image, multi_filler_tokens=args.multi_filler, multi_count=args.multi_count, micro_batch=args.micro_batch,
     )
     print(f"[train] {' '.join(sys.argv)}", flush=True)
     from .trainer import train

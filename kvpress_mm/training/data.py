@@ -7,7 +7,8 @@ cover each answer and its `<|im_end|>` only; everything else is -100.
 
 Multi-image examples (`multi_image_episode`, trainer `multi_image` > 0): the first user turn is the multi-image
 prompt of the tasks (`vision_data.multi`: intro, "Image k:" / "<name>'s picture:" labels, 2-4 single-object
-images, optional filler text after each image, a question about one image); later turns ask about the others.
+images, optional filler text after each image, a question about one image or a count); later turns ask about the
+others.
 """
 
 from __future__ import annotations
@@ -128,18 +129,22 @@ def single_object_pools(scenes: list[Scene]) -> dict[str, list[int]]:
 
 def multi_image_episode(scenes: list[Scene], target: int, pools: dict[str, list[int]], rng: random.Random,
                         max_turns: int, filler=None, max_filler_tokens: int = 0,
-                        weights: dict[str, float] | None = None) -> tuple[list, list[int], list[QA]] | None:
+                        weights: dict[str, float] | None = None,
+                        count_share: float = 0.0) -> tuple[list, list[int], list[QA]] | None:
     """(segments, image indices, QAs) of a 2-4 image prompt about scene `target`, or None when `target` is not a
     single-object scene. segments: strings, None where an image goes (the images in `image indices` order).
 
-    Half of the episodes identify the target by its label ("Image k" or a name), half by its kind (the only
-    digit / shape / star: the other images are drawn from the scenes of another kind). `filler(rng, tokens)`
-    gives the text put after an image (with probability 1/2 per episode, 10..max_filler_tokens tokens each).
-    Follow-up turns ask about the other images by their label."""
+    A `count_share` of the episodes ask how many of the images show a digit (digits among shapes, `target`
+    one of them). Of the others, half identify the target by its label ("Image k" or a name), half by its kind
+    (the only digit / shape / star: the other images are drawn from the scenes of another kind).
+    `filler(rng, tokens)` gives the text put after an image (with probability 1/2 per episode,
+    10..max_filler_tokens tokens each). Follow-up turns ask about the other images by their label."""
     scene = scenes[target]
     if len(scene.objects) != 1 or scene.objects[0].kind not in ("shape", "digit"):
         return None
     n = rng.randint(2, 4)
+    if count_share and rng.random() < count_share:
+        return _count_episode(scenes, target, pools, rng, n, max_turns, filler, max_filler_tokens, weights)
     by_kind = rng.random() < 0.5
     kind = multi.unique_kind(scene)
     if by_kind:
@@ -157,24 +162,50 @@ def multi_image_episode(scenes: list[Scene], target: int, pools: dict[str, list[
     names = rng.sample(multi.LABEL_NAMES, n)
     use_names = not by_kind and rng.random() < 0.5
     labels = [multi.name_label(names[k]) if use_names else multi.index_label(k) for k in range(n)]
+    segments = _segments(labels, rng, filler, max_filler_tokens)
+    first = _pick(multi.unique_questions(scene, kind) if by_kind else multi.label_questions(scene, labels[pos][1]),
+                  rng, weights)
+    return segments, indices, [first] + _follow_ups(scenes, indices, labels, [pos], rng, max_turns, weights)
+
+
+def _count_episode(scenes, target, pools, rng, n, max_turns, filler, max_filler_tokens, weights):
+    """n images, 1..n of them digits (the target among them when it is a digit, else among the shapes)."""
+    is_digit = scenes[target].objects[0].kind == "digit"
+    count = rng.randint(1, n) if is_digit else rng.randint(1, n - 1)
+    digits = [i for i in pools["digit"] if i != target]
+    shapes = [i for i in pools["shape"] + pools["star"] if i != target]
+    hits, misses = count - int(is_digit), n - count - int(not is_digit)
+    if len(digits) < hits or len(shapes) < misses:
+        return None
+    indices = rng.sample(digits, hits) + rng.sample(shapes, misses) + [target]
+    rng.shuffle(indices)
+    labels = [multi.index_label(k) for k in range(n)]
+    segments = _segments(labels, rng, filler, max_filler_tokens)
+    first = QA(multi.count_question("a digit"), str(count), "count", str(count))
+    return segments, indices, [first] + _follow_ups(scenes, indices, labels, [], rng, max_turns, weights)
+
+
+def _segments(labels, rng, filler, max_filler_tokens) -> list:
     with_text = filler is not None and max_filler_tokens >= 10 and rng.random() < 0.5
     segments: list = [multi.INTRO]
-    for k in range(n):
-        segments += [labels[k][0], None]
+    for label, _ in labels:
+        segments += [label, None]
         if with_text:
             segments.append(filler(rng, rng.randint(10, max_filler_tokens)))
+    return segments
 
-    def pick(qas):
-        w = weights or {}
-        return rng.choices(qas, [w.get(q.qtype, 1.0) or 1e-6 for q in qas])[0]
 
-    first = pick(multi.unique_questions(scene, kind) if by_kind else multi.label_questions(scene, labels[pos][1]))
-    qas = [first]
-    rest = [k for k in range(n) if k != pos]
+def _pick(qas: list[QA], rng: random.Random, weights: dict[str, float] | None) -> QA:
+    w = weights or {}
+    return rng.choices(qas, [w.get(q.qtype, 1.0) or 1e-6 for q in qas])[0]
+
+
+def _follow_ups(scenes, indices, labels, asked, rng, max_turns, weights) -> list[QA]:
+    """Questions about the images not asked about yet, by their label, until max_turns QAs in all."""
+    rest = [k for k in range(len(indices)) if k not in asked]
     rng.shuffle(rest)
-    for k in rest[: max(0, max_turns - 1)]:
-        qas.append(pick(multi.label_questions(scenes[indices[k]], labels[k][1])))
-    return segments, indices, qas
+    budget = max(0, max_turns - 1)
+    return [_pick(multi.label_questions(scenes[indices[k]], labels[k][1]), rng, weights) for k in rest[:budget]]
 
 
 def collate(examples: list[Example], features: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:

@@ -56,6 +56,7 @@ class TrainConfig:
     align_lr: float = 2e-3
     multi_image: float = 0.0                 # fraction of examples that are 2-4 image prompts (data.multi_image_episode)
     multi_filler_tokens: int = 0             # up to this much filler text after each image of half the multi-image prompts
+    multi_count: float = 0.0                 # share of the multi-image prompts that ask how many images show a digit
     micro_batch: int | None = None           # examples per forward (gradients accumulated; None = the whole batch).
     #                                         Same loss; avoids padding long multi-image rows and short rows together
     kinds: dict = field(default_factory=lambda: dict(DEFAULT_KINDS))
@@ -207,7 +208,7 @@ def train(cfg: TrainConfig, model=None, processor=None, log=print) -> dict:
         rng = random.Random(f"qa:{cfg.seed}:{k}")
         if cfg.multi_image and rng.random() < cfg.multi_image:
             episode = multi_image_episode(scenes, idx, pools, rng, cfg.turns, filler, cfg.multi_filler_tokens,
-                                          cfg.qtype_weights)
+                                          cfg.qtype_weights, cfg.multi_count)
             if episode is not None:
                 segments, rows, qas = episode
                 return builder.build(qas, list(range(slot, slot + len(rows))), tokens, segments), rows

@@ -5,9 +5,10 @@ tasks of kvpress_mm.eval render, joined with "\\n" by the processor). The image 
 identified either
   * by its label: "Image 2" (labels "Image k:") or a name ("Marta's picture:"): `label_questions`;
   * or by being the only image of its kind: the only digit among shapes, the only shape among digits, the
-    only star among other shapes: `unique_questions`.
+    only star among other shapes: `unique_questions`;
+or the question counts the images of one kind (the digits among shapes): `count_question`.
 Answers are one word / digit, as in `questions.py`. Training (kvpress_mm.training.data) and the tasks
-(image_needle, image_lookup) share these phrasings.
+(image_needle, image_lookup, image_counting) share these phrasings.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ def unique_questions(scene: Scene, kind: str) -> list[QA]:
     if kind == "star":
         return [QA("One of the images shows a star. What colour is the star?", obj.color, "colour", obj.color)]
     raise ValueError(f"unknown needle kind {kind!r}; known: {UNIQUE_KINDS}")
+
+
+def count_question(what: str = "a digit") -> str:
+    """"How many of the images show a digit?" (what: "a digit", "a red shape", ...)."""
+    return f"How many of the images show {what}? Answer with a number."
 
 
 def fits_haystack(scene: Scene, kind: str) -> bool:

@@ -1,7 +1,7 @@
 """image_counting: count, across num_images images, those that show X (MileBench-style multi-image counting).
 
 Each image shows either a target or not:
-  * target="digit":  digit images (one large digit) among plain-shape images -> "How many of the images show a digit?"
+  * target="digit":  digit images (one large digit) among single-shape images -> "How many of the images show a digit?"
   * target=<colour> (e.g. "red"): images with one shape of that colour among images with one shape of another
     colour -> "How many of the images show a red shape?"
 The count is drawn uniformly from [min_count, max_count] (max_count None = num_images). Images are labelled
@@ -18,15 +18,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from kvpress_mm.vision_data import COLORS, SHAPES
+from kvpress_mm.vision_data import COLORS, SHAPES, multi
 
 from ..sample import Sample
 from . import register_task
 from .base import Task
 from .filler import approx_tokens, split_even
 from .image_common import clean_filler, labelled_images, numbers_in, task_scene
-
-INTRO = "Here are some images."
 
 
 @register_task("image_counting")
@@ -72,7 +70,7 @@ class ImageCounting(Task):
                 if k in hits:
                     scene = task_scene("image_counting", self.seed, i, k, "single_digit")
                 else:
-                    scene = task_scene("image_counting", self.seed, i, k, "shapes", n_objects=rng.randrange(1, 3))
+                    scene = task_scene("image_counting", self.seed, i, k, "single_shape", shape=rng.choice(SHAPES))
             else:
                 color = self.target if k in hits else rng.choice(others)
                 scene = task_scene("image_counting", self.seed, i, k, "single_shape", color=color,
@@ -83,8 +81,8 @@ class ImageCounting(Task):
             sentences = clean_filler(rng, self.context_tokens)
             texts = [" ".join(part) for part in split_even(sentences, n)]
         what = "a digit" if self.target == "digit" else f"a {self.target} shape"
-        question = f"How many of the images show {what}? Answer with a number."
-        content = [INTRO] + labelled_images(images, texts=texts) + [question]
+        question = multi.count_question(what)
+        content = [multi.INTRO] + labelled_images(images, texts=texts) + [question]
         return Sample(
             id=f"image_counting-{self.seed}-{i}",
             content=content,
