@@ -65,6 +65,7 @@ class EvalConfig:
     compare_full: bool = True  # also run the full cache on the same samples (the reference row)
     progress: bool = True  # tqdm bar over samples (and over sweep points in a multirun)
     device: Optional[str] = None  # None: the model's own device
+    threads: Optional[int] = None  # torch CPU threads (None: torch's default); pin it for comparable timings
     print_table: bool = True  # print the strategy-vs-full table at the end of a run
     result_file: str = "result.json"  # written into the run's output directory
 

@@ -43,6 +43,10 @@ def _run_eval(cfg: DictConfig) -> dict:
     from kvpress_mm.eval import evaluate, load_model
 
     started = time.perf_counter()
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
     strategy = build_strategy(cfg.strategy)
     task = build_task(cfg.task)
     model_name, options = model_call(cfg.model)
