@@ -212,9 +212,31 @@ def write_markdown(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
+def score_tables(rows: list[dict]) -> str:
+    """Markdown: one table per (model, task), a row per strategy, a column per budget (the score), and the
+    full cache's score on the same samples."""
+    points = [r for r in rows if _is_number(r.get("score")) and _is_number(r.get("budget"))]
+    out = []
+    for model, task in sorted({(r["model"], r["task"]) for r in points}, key=str):
+        these = [r for r in points if (r["model"], r["task"]) == (model, task)]
+        budgets = sorted({float(r["budget"]) for r in these if r["strategy"] != "full"})
+        fulls = [float(r["full_score"]) for r in these if _is_number(r.get("full_score"))]
+        cells: dict[str, dict[float, float]] = {}
+        for r in these:
+            if r["strategy"] != "full":
+                cells.setdefault(r["strategy"], {})[float(r["budget"])] = float(r["score"])
+        n = sorted({r.get("n_samples") for r in these if r.get("n_samples") is not None})
+        head = f"**{task}** on {model}" + (f" ({', '.join(map(str, n))} samples)" if n else "")
+        if fulls:
+            head += f"; full cache: {sum(fulls) / len(fulls):.2f}"
+        body = [[name] + [_fmt(by.get(b)) for b in budgets] for name, by in sorted(cells.items())]
+        out.append(head + "\n\n" + _markdown(["strategy"] + [f"{b:g}" for b in budgets], body))
+    return "\n\n".join(out)
+
+
 def plot_score_vs_budget(rows: list[dict], path: str | Path) -> Path | None:
-    """PNG: score against budget, one line per strategy (and per model / task if the sweep varied them);
-    the full cache's score as a dashed line. None when no row has a score."""
+    """PNG: score against budget, one line per strategy, one panel per (model, task); the full cache's
+    score as a dashed line. None when no row has a score."""
     # the object API on an Agg canvas: renders to a file without a display and without touching
     # pyplot's global backend (a caller's own matplotlib setup stays as it is)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -223,47 +245,73 @@ def plot_score_vs_budget(rows: list[dict], path: str | Path) -> Path | None:
     points = [r for r in rows if _is_number(r.get("score")) and _is_number(r.get("budget"))]
     if not points:
         return None
-    several = len({(r["model"], r["task"]) for r in points}) > 1
-    fig = Figure(figsize=(7, 4.5), dpi=120)
+    panels = sorted({(r["model"], r["task"]) for r in points}, key=str)
+    cols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    names = sorted({r["strategy"] for r in points if r["strategy"] != "full"})
+    legend_rows = math.ceil((len(names) + 1) / 4) if len(panels) > 1 else 0
+    legend_inches = 0.25 * legend_rows + 0.2 * bool(legend_rows)
+    fig = Figure(figsize=(5.2 * cols, 3.8 * nrows + legend_inches), dpi=110)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    lines: dict[str, list] = {}
-    for r in points:
-        label = r["strategy"] + (f" [{r['model']} / {r['task']}]" if several else "")
-        lines.setdefault(label, []).append((float(r["budget"]), float(r["score"])))
-    for label, xy in sorted(lines.items()):
-        xy.sort()
-        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=label)
-    fulls: dict[tuple, list[float]] = {}
-    for r in points:
-        if _is_number(r.get("full_score")):
-            fulls.setdefault((r["model"], r["task"]), []).append(float(r["full_score"]))
-    for (model, task), values in sorted(fulls.items()):
-        label = "full cache" + (f" [{model} / {task}]" if several else "")
-        ax.axhline(sum(values) / len(values), linestyle="--", color="grey", label=label)
-    ax.set_xlabel("budget (fraction of prompt tokens kept)")
-    ax.set_ylabel("score")
-    title = ", ".join(sorted({f"{r['model']} / {r['task']}" for r in points}))
-    ax.set_title(f"score vs budget: {title}" if not several else "score vs budget")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    styles = {name: ("-", "--", ":")[(i // 10) % 3] for i, name in enumerate(names)}
+    for ax, (model, task) in zip(axes, panels):
+        these = [r for r in points if (r["model"], r["task"]) == (model, task)]
+        for name in names:
+            xy = sorted((float(r["budget"]), float(r["score"])) for r in these if r["strategy"] == name)
+            if xy:
+                ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", markersize=3, label=name,
+                        color=colours[name], linestyle=styles[name])
+        fulls = [float(r["full_score"]) for r in these if _is_number(r.get("full_score"))]
+        if fulls:
+            ax.axhline(sum(fulls) / len(fulls), linestyle="--", color="grey", label="full cache")
+        budgets = sorted({float(r["budget"]) for r in these})
+        if len(budgets) > 2 and budgets[-1] / budgets[0] >= 8:  # 0.05 ... 1: a log axis spreads the low budgets
+            ax.set_xscale("log")
+            ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+            ax.minorticks_off()
+        ax.set_title(f"{task} ({model})", fontsize=10)
+        ax.set_xlabel("budget (fraction of prompt tokens kept)", fontsize=8)
+        ax.set_ylabel("score", fontsize=8)
+        ax.grid(True, alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    if len(panels) == 1:
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+    else:
+        # one legend under all panels: a strategy may be missing from some of them
+        entries: dict = {}
+        for ax in axes[: len(panels)]:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                entries.setdefault(label, handle)
+        fig.legend(list(entries.values()), list(entries.keys()), loc="lower center", ncol=4, fontsize=8,
+                   frameon=False)
+        fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
     path = Path(path)
     fig.savefig(path)
     return path
 
 
 def write_sweep_summary(sweep_dir: str | Path, result_file: str = "result.json",
-                        newer_than: float | None = None) -> dict[str, Path]:
-    """results.csv, results.md and score_vs_budget.png in `sweep_dir` from its runs' JSONs."""
+                        newer_than: float | None = None, sources: Iterable[str | Path] | None = None) -> dict[str, Path]:
+    """results.csv, results.md, scores.md (strategy x budget per task) and score_vs_budget.png in `sweep_dir`,
+    from the run JSONs under `sources` (default: `sweep_dir` itself)."""
     sweep_dir = Path(sweep_dir)
-    rows = table_rows(collect(sweep_dir, result_file, newer_than))
+    records = [r for src in (sources or [sweep_dir]) for r in collect(src, result_file, newer_than)]
+    rows = table_rows(records)
     if not rows:
         return {}
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     out = {
         "csv": write_csv(rows, sweep_dir / "results.csv"),
         "markdown": write_markdown(rows, sweep_dir / "results.md"),
     }
+    tables = score_tables(rows)
+    if tables:
+        out["scores"] = sweep_dir / "scores.md"
+        out["scores"].write_text(tables + "\n")
     png = plot_score_vs_budget(rows, sweep_dir / "score_vs_budget.png")
     if png is not None:
         out["png"] = png
@@ -274,11 +322,20 @@ def write_sweep_summary(sweep_dir: str | Path, result_file: str = "result.json",
 
 
 def strategy_label(record: dict) -> str:
-    """What a run's strategy is called in tables: the config-group choice, else name / class of _target_."""
+    """What a run's strategy is called in tables: the config-group choice (else name / class of _target_), with
+    the strategy fields the command line changed other than the budget: "look_m[merge_scope=same_modality]"."""
     strategy = record.get("config", {}).get("strategy", {})
     if strategy.get("_target_"):
-        return str(strategy["_target_"]).rsplit(".", 1)[-1]
-    return strategy.get("name") or record.get("choices", {}).get("strategy") or "?"
+        name = str(strategy["_target_"]).rsplit(".", 1)[-1]
+    else:
+        name = strategy.get("name") or record.get("choices", {}).get("strategy") or "?"
+    changed = []
+    for override in record.get("overrides", []):
+        key, _, value = override.lstrip("+~").partition("=")
+        field = key[len("strategy."):] if key.startswith("strategy.") else None
+        if field and field not in ("budget", "budget_tokens", "_target_"):
+            changed.append(f"{field}={value}")
+    return name + (f"[{','.join(changed)}]" if changed else "")
 
 
 def _budget_value(strategy: dict):

@@ -173,8 +173,37 @@ def test_sweep_summary_files(tmp_path):
         (tmp_path / str(i)).mkdir()
         (tmp_path / str(i) / "result.json").write_text(json.dumps(_record(s, b, score, i)))
     written = write_sweep_summary(tmp_path)
-    assert set(written) == {"csv", "markdown", "png"}
+    assert set(written) == {"csv", "markdown", "scores", "png"}
     assert (tmp_path / "results.csv").read_text().count("\n") == 4
     assert "| snapkv" in (tmp_path / "results.md").read_text()
     table = comparison_table(_record("h2o", 0.1, 0.5, 0))
     assert "| h2o " in table and "| full " in table and "55.000" in table  # the full row has its own speed
+
+
+def test_summary_of_several_sweeps_pivots_by_task_and_names_variants(tmp_path):
+    from kvpress_mm.results import strategy_label
+    from kvpress_mm.summarize import main as summarize
+
+    runs = [("h2o", 0.1, 0.5, "fidelity", []), ("h2o", 0.5, 0.9, "fidelity", []),
+            ("look_m", 0.1, 0.25, "text_needle", ["strategy.merge_scope=same_modality"]),
+            ("look_m", 0.1, 0.75, "text_needle", [])]
+    for i, (s, b, score, task, extra) in enumerate(runs):
+        record = _record(s, b, score, i)
+        record["config"]["task"]["name"] = task
+        record["overrides"] += extra
+        folder = tmp_path / ("a" if i < 2 else "b") / str(i)
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text(json.dumps(record))
+    assert strategy_label(record) == "look_m"
+    record["overrides"].append("strategy.merge_scope=same_modality")
+    assert strategy_label(record) == "look_m[merge_scope=same_modality]"
+    assert summarize([str(tmp_path / "out"), str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    scores = (tmp_path / "out" / "scores.md").read_text()
+    fidelity, needle = scores.split("**text_needle**")
+    assert "**fidelity** on tiny_llama (2 samples); full cache: 1.00" in fidelity
+    assert "| strategy | 0.1   | 0.5   |" in fidelity and "| h2o      | 0.500 | 0.900 |" in fidelity
+    assert "| look_m                            | 0.750 |" in needle
+    assert "| look_m[merge_scope=same_modality] | 0.250 |" in needle
+    assert (tmp_path / "out" / "score_vs_budget.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        summarize([str(tmp_path / "out2"), str(tmp_path / "nothing")])
