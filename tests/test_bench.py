@@ -30,3 +30,41 @@ def test_peak_memory_sees_a_large_allocation():
         block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB
         del block
     assert peak["bytes"] >= 60 * 1024 * 1024
+
+
+def test_rounds_share_plain_runs_between_neighbours(monkeypatch):
+    import pytest
+
+    from kvpress_mm.bench import runner
+
+    calls = []
+
+    def fake_run(bench, inputs, point, settings, device):
+        calls.append(point.name if point is not None else "plain")
+        t = float(len(calls))  # the run's "time" is its position in the sequence
+        return t, 10 * t, None if point is not None and point.eager else t, None
+
+    monkeypatch.setattr(runner, "_run", fake_run)
+    settings = BenchSettings(repeats=3, plain_every=2, decode_tokens=4)
+    points = [runner.Point(n, 0.2, None) for n in "abcde"] + [runner.Point("eager", 0.2, None, eager=True)]
+    runner.measure_rounds(None, None, points, settings, None)
+    # round: plain, 2 points, plain, 2 points, plain, 2 points, plain
+    assert len(calls) == 3 * (6 + 4)
+    rounds = [calls[i * 10:(i + 1) * 10] for i in range(3)]
+    for r in rounds:
+        assert r[0] == r[3] == r[6] == r[9] == "plain" and sorted(x for x in r if x != "plain") == sorted("abcde") + ["eager"]
+    assert len({tuple(r) for r in rounds}) == 3  # the order changes from round to round
+    for p in points:
+        assert len(p.runs) == len(p.plain) == 3
+        for (t, mem, dec), (pt, pmem, pdec) in zip(p.runs, p.plain):
+            i = int(t) - 1  # position of the point's run; its neighbours are the plain runs around its group
+            prev = max(j for j in range(i) if calls[j] == "plain")
+            nxt = min(j for j in range(i, len(calls)) if calls[j] == "plain")
+            assert pt == (prev + 1 + nxt + 1) / 2 and pmem == 10 * pt
+            assert (dec is None) == p.eager and pdec == pt
+    record = runner.record_of(points[0])
+    assert record["prefill_ratio"] == pytest.approx(
+        sorted(r[0] for r in points[0].runs)[1] / sorted(r[0] for r in points[0].plain)[1])
+    assert "decode_ratio" in record and "decode_ratio" not in runner.record_of(points[-1])
+    with pytest.raises(ValueError, match="plain_every"):
+        BenchSettings(plain_every=0)

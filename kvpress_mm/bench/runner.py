@@ -1,14 +1,18 @@
 """Runs the benchmark matrix: every (model, prompt length, strategy, budget) against plain sdpa.
 
-Runs alternate between the strategy and the plain baseline inside one process, each repeated, and
-the medians give the ratios. Threads are pinned so the numbers compare across runs of a machine.
+For one (model, length) all points (strategy x budget, and the eager reference) are measured in rounds:
+each round runs every point once, in an order rotated from round to round, with a plain sdpa run before the
+first point and after every `plain_every` points. A point's baseline is the pair of plain runs either side of
+it, so slow drifts of the machine cancel out, and one plain run serves several points (a quarter to a third
+fewer prefills than strict strategy / plain pairs). Medians over `repeats` rounds give the ratios. Lengths
+are the outer loop (every model at 1k, then at 2k, ...), and bench.json is rewritten after each (length,
+model), so a long run that is stopped early still holds complete short-prompt rows. Threads are pinned.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +35,7 @@ class BenchSettings:
     strategies: list[str] = field(default_factory=list)  # empty: every registered strategy
     budgets: list[float] = field(default_factory=lambda: [0.1, 0.2])
     repeats: int = 3
+    plain_every: int = 3  # a plain sdpa run after every this many points of a round (1: strict pairs)
     decode_tokens: int = 16
     threads: int = 1
     device: str = "cpu"
@@ -39,41 +44,89 @@ class BenchSettings:
     eager_max_length: int = 4096  # the L x L reference needs ~heads * L^2 * 4 bytes per layer
     output_dir: str | None = "."
 
+    def __post_init__(self):
+        for name in ("repeats", "plain_every", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"bench: {name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass
+class Point:
+    """One row of the result: a strategy at a budget (eager: read its statistics the LOOK-M release's way)."""
+
+    name: str
+    budget: float
+    strategy: object
+    eager: bool = False
+    runs: list = field(default_factory=list)  # (time, peak bytes, decode ms) of each round
+    plain: list = field(default_factory=list)  # the same, averaged over the plain runs either side
+    report: object = None
+
 
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def _measure_pair(bench, inputs, strategy, settings, device, eager=False) -> dict:
-    """Alternate plain and strategy runs; return medians of both and their ratios."""
-    plain, comp = {"t": [], "mem": [], "dec": []}, {"t": [], "mem": [], "dec": []}
-    report = None
+def _run(bench, inputs, point: Point | None, settings, device) -> tuple[float, float, float | None, object]:
+    strategy = point.strategy if point is not None else None
+    eager = point is not None and point.eager
+    run = prefill(bench, inputs, strategy, device, eager=eager)
+    decode = None
+    if settings.decode_tokens and not eager:
+        decode = decode_ms_per_token(bench, run, settings.decode_tokens, device)
+    return run.seconds, float(run.peak_bytes), decode, run.report
+
+
+def _mean_of(a: tuple, b: tuple) -> tuple:
+    return tuple(None if x is None or y is None else (x + y) / 2 for x, y in zip(a, b))
+
+
+def measure_rounds(bench, inputs, points: list[Point], settings, device, on_round=None) -> None:
+    """Fill each point's `runs` and `plain` (see the module docstring)."""
     for rep in range(settings.repeats):
-        order = (False, True) if rep % 2 == 0 else (True, False)
-        for use_strategy in order:
-            run = prefill(bench, inputs, strategy if use_strategy else None, device, eager=eager and use_strategy)
-            bucket = comp if use_strategy else plain
-            bucket["t"].append(run.seconds)
-            bucket["mem"].append(run.peak_bytes)
-            if settings.decode_tokens and not eager:
-                bucket["dec"].append(decode_ms_per_token(bench, run, settings.decode_tokens, device))
-            if use_strategy:
-                report = run.report
+        shift = rep * max(1, len(points) // settings.repeats)
+        order = points[shift:] + points[:shift]
+        if rep % 2:
+            order.reverse()
+        before = _run(bench, inputs, None, settings, device)[:3]
+        for start in range(0, len(order), settings.plain_every):
+            group = order[start : start + settings.plain_every]
+            measured = []
+            for point in group:
+                *numbers, report = _run(bench, inputs, point, settings, device)
+                measured.append((point, tuple(numbers)))
+                point.report = report
+            after = _run(bench, inputs, None, settings, device)[:3]
+            for point, numbers in measured:
+                point.runs.append(numbers)
+                point.plain.append(_mean_of(before, after))
+            before = after
+        if on_round is not None:
+            on_round()
+
+
+def record_of(point: Point) -> dict:
+    """Medians and ratios of one measured point."""
+    col = lambda rows, i: [r[i] for r in rows if r[i] is not None]  # noqa: E731
+    t, plain_t = _median(col(point.runs, 0)), _median(col(point.plain, 0))
+    mem, plain_mem = _median(col(point.runs, 1)), _median(col(point.plain, 1))
     record = {
-        "prefill_seconds": _median(comp["t"]),
-        "plain_prefill_seconds": _median(plain["t"]),
-        "prefill_ratio": _median(comp["t"]) / _median(plain["t"]),
-        "peak_bytes": _median(comp["mem"]),
-        "plain_peak_bytes": _median(plain["mem"]),
+        "strategy": point.name,
+        "budget": point.budget,
+        "prefill_seconds": t,
+        "plain_prefill_seconds": plain_t,
+        "prefill_ratio": t / plain_t,
+        "peak_bytes": mem,
+        "plain_peak_bytes": plain_mem,
         # a floor of 1 MiB keeps tiny prompts (whose plain peak is ~0) from giving absurd ratios
-        "peak_memory_ratio": _median(comp["mem"]) / max(2.0**20, _median(plain["mem"])),
+        "peak_memory_ratio": mem / max(2.0**20, plain_mem),
+        "repeats": len(point.runs),
     }
-    if comp["dec"]:
-        record.update(
-            decode_ms_per_token=_median(comp["dec"]),
-            full_decode_ms_per_token=_median(plain["dec"]),
-            decode_ratio=_median(comp["dec"]) / _median(plain["dec"]),
-        )
+    if col(point.runs, 2):
+        dec, full_dec = _median(col(point.runs, 2)), _median(col(point.plain, 2))
+        record.update(decode_ms_per_token=dec, full_decode_ms_per_token=full_dec, decode_ratio=dec / full_dec)
+    report = point.report
     if report is not None and report.before_bytes:
         record.update(
             kv_bytes_before=report.before_bytes,
@@ -83,42 +136,46 @@ def _measure_pair(bench, inputs, strategy, settings, device, eager=False) -> dic
     return record
 
 
+def _points(names, settings, prompt: int) -> list[Point]:
+    points = [Point(name, budget, kvpress_mm.get_strategy(name, budget=budget))
+              for name in names for budget in settings.budgets]
+    if settings.eager_reference and prompt <= settings.eager_max_length:
+        points.append(Point(EAGER_REFERENCE, 0.2, kvpress_mm.get_strategy("h2o", budget=0.2), eager=True))
+    return points
+
+
 def run_benchmark(settings: BenchSettings) -> list[dict]:
     """Measure the matrix of `settings`; writes bench.json, bench.md and bench.png to output_dir."""
     torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)
     dtype = getattr(torch, settings.dtype)
     names = settings.strategies or [n for n in kvpress_mm.list_strategies() if n != "full"]
-    records = []
+    for name in names:
+        kvpress_mm.get_strategy(name)  # an unknown name fails now, not after an hour of measuring
+    records: list[dict] = []
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    points = [(m, n) for m in settings.models for n in settings.lengths]
-    with tqdm(total=len(points) * (len(names) * len(settings.budgets) + settings.eager_reference), desc="bench") as bar:
-        for model_name in settings.models:
-            try:
-                bench = load_bench_model(model_name, device, dtype)
-            except (ImportError, FileNotFoundError, OSError) as err:
-                tqdm.write(f"skipping {model_name}: {err}")
-                bar.update(len(settings.lengths) * (len(names) * len(settings.budgets) + settings.eager_reference))
-                continue
-            for length in settings.lengths:
+    models = {}
+    for model_name in settings.models:
+        try:
+            models[model_name] = load_bench_model(model_name, device, dtype)
+        except (ImportError, FileNotFoundError, OSError) as err:
+            tqdm.write(f"skipping {model_name}: {err}")
+    rounds = len(settings.lengths) * len(models) * settings.repeats
+    with tqdm(total=rounds, desc="bench rounds") as bar:
+        for length in settings.lengths:
+            for model_name, bench in models.items():
                 inputs = bench.make_inputs(length)
                 prompt = int(inputs["input_ids"].shape[1])
+                bar.set_postfix_str(f"{model_name} @ {prompt} tokens")
                 prefill(bench, inputs, None, device)  # warm-up
+                points = _points(names, settings, prompt)
+                measure_rounds(bench, inputs, points, settings, device, on_round=bar.update)
                 base = {"model": model_name, "length": prompt, "device": str(device), "threads": settings.threads}
-                for name in names:
-                    for budget in settings.budgets:
-                        strategy = kvpress_mm.get_strategy(name, budget=budget)
-                        record = _measure_pair(bench, inputs, strategy, settings, device)
-                        records.append({**base, "strategy": name, "budget": budget, **record})
-                        bar.update()
-                if settings.eager_reference:
-                    if prompt <= settings.eager_max_length:
-                        strategy = kvpress_mm.get_strategy("h2o", budget=0.2)
-                        record = _measure_pair(bench, inputs, strategy, settings, device, eager=True)
-                        records.append({**base, "strategy": EAGER_REFERENCE, "budget": 0.2, **record})
-                    bar.update()
+                records.extend({**base, **record_of(p)} for p in points)
                 (out / "bench.json").write_text(json.dumps({"settings": asdict(settings), "records": records}, indent=1))
+    records.sort(key=lambda r: (list(models).index(r["model"]), r["length"]))
+    (out / "bench.json").write_text(json.dumps({"settings": asdict(settings), "records": records}, indent=1))
     write_markdown(records, out / "bench.md")
     write_plot(records, out / "bench.png")
     return records
