@@ -10,7 +10,6 @@ Needs the optional packages `gguf` and `accelerate`.
 
 from __future__ import annotations
 
-import os
 
 import torch
 

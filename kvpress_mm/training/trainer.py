@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field

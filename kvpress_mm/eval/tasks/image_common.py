@@ -10,7 +10,13 @@ from __future__ import annotations
 import random
 import re
 
-from kvpress_mm.vision_data import NUMBER_WORDS_MAP, make_scene
+from kvpress_mm.vision_data import (
+    COLORS,
+    NUMBER_WORDS_MAP,
+    SHAPES,
+    exclusive_match,
+    make_scene,
+)
 
 # scene seeds of the tasks: scene_seed-like, far from the training streams (seed * 10M + i, small seeds)
 TASK_SCENE_BASE = 5_000_000_000
@@ -87,3 +93,12 @@ def clean_filler(rng: random.Random, target_tokens: int) -> list[str]:
             if total >= target_tokens:
                 break
     return out
+
+
+def score_object_answer(qtype: str, answer: str, prediction: str) -> float:
+    """1.0 if `prediction` names the expected colour / shape / digit and no other one of its kind."""
+    if qtype == "digit":
+        digits = [v for v in numbers_in(prediction) if v < 10]
+        return float(bool(digits) and all(v == int(answer) for v in digits))
+    vocabulary = tuple(COLORS) if qtype == "colour" else SHAPES
+    return float(exclusive_match(prediction, answer, vocabulary))

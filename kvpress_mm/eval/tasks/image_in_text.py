@@ -17,13 +17,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from kvpress_mm.vision_data import COLORS, DIGITS, SHAPES, exclusive_match
+from kvpress_mm.vision_data import COLORS, DIGITS, SHAPES
 
 from ..sample import Sample
 from . import register_task
 from .base import Task
 from .filler import approx_tokens
-from .image_common import clean_filler, numbers_in, task_scene
+from .image_common import clean_filler, score_object_answer, task_scene
 
 INTRO = "Read the following document. It contains text and one image."
 QUESTION_TYPES = ("colour", "shape", "digit")
@@ -89,7 +89,4 @@ class ImageInText(Task):
 
     def score(self, sample: Sample, prediction: str) -> float:
         qtype = sample.meta["qtype"]
-        if qtype == "digit":
-            digits = [v for v in numbers_in(prediction) if v < 10]
-            return float(bool(digits) and all(v == int(sample.answer) for v in digits))
-        return float(exclusive_match(prediction, sample.answer, VOCABULARY[qtype]))
+        return score_object_answer(qtype, sample.answer, prediction)

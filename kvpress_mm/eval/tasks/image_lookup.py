@@ -18,13 +18,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from kvpress_mm.vision_data import COLORS, DIGITS, SHAPES, exclusive_match, multi
+from kvpress_mm.vision_data import COLORS, DIGITS, SHAPES, multi
 
 from ..sample import Sample
 from . import register_task
 from .base import Task
 from .filler import approx_tokens, split_even
-from .image_common import clean_filler, labelled_images, numbers_in, task_scene
+from .image_common import clean_filler, labelled_images, score_object_answer, task_scene
 
 QUESTION_TYPES = ("shape", "colour", "digit")
 CUES = ("name", "index")
@@ -105,8 +105,4 @@ class ImageLookup(Task):
 
     def score(self, sample: Sample, prediction: str) -> float:
         qtype = sample.meta["qtype"]
-        if qtype == "digit":
-            digits = [v for v in numbers_in(prediction) if v < 10]
-            return float(bool(digits) and all(v == int(sample.answer) for v in digits))
-        vocabulary = tuple(COLORS) if qtype == "colour" else SHAPES
-        return float(exclusive_match(prediction, sample.answer, vocabulary))
+        return score_object_answer(qtype, sample.answer, prediction)

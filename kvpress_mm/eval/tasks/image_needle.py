@@ -21,13 +21,19 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from kvpress_mm.vision_data import COLORS, DIGITS, SHAPES, exclusive_match, multi
+from kvpress_mm.vision_data import COLORS, DIGITS, SHAPES, multi
 
 from ..sample import Sample
 from . import register_task
 from .base import Task
 from .filler import approx_tokens, split_even
-from .image_common import clean_filler, image_index_in, labelled_images, numbers_in, task_scene
+from .image_common import (
+    clean_filler,
+    image_index_in,
+    labelled_images,
+    score_object_answer,
+    task_scene,
+)
 
 HAYSTACK_SHAPES = ("circle", "square", "triangle")
 NEEDLES = ("shape", "digit", "star")
@@ -119,8 +125,4 @@ class ImageNeedle(Task):
         qtype = sample.meta["qtype"]
         if qtype == "index":
             return float(image_index_in(prediction) == int(sample.answer))
-        if qtype == "digit":
-            digits = [v for v in numbers_in(prediction) if v < 10]
-            return float(bool(digits) and all(v == int(sample.answer) for v in digits))
-        vocabulary = tuple(COLORS) if qtype == "colour" else SHAPES
-        return float(exclusive_match(prediction, sample.answer, vocabulary))
+        return score_object_answer(qtype, sample.answer, prediction)
