@@ -267,3 +267,26 @@ def test_shipped_projector_file():
     assert {k: tuple(v.shape) for k, v in state.items()} == {
         "linear_1.weight": (576, 384), "linear_1.bias": (576,), "linear_2.weight": (576, 576), "linear_2.bias": (576,)}
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_average_of_two_projectors(tmp_path):
+    from kvpress_mm.offline.mini_llava import read_projector_state
+    from kvpress_mm.training.cli import main
+    from kvpress_mm.training.projector import average_projectors, save_llava_projector
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"linear_1.weight": (6, 4), "linear_1.bias": (6,), "linear_2.weight": (5, 6), "linear_2.bias": (5,)}
+    a = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    b = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    save_llava_projector(a, tmp_path / "a.safetensors")
+    save_llava_projector(b, tmp_path / "b.safetensors")
+    assert main(["--average", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
+                 "--average-weight", "0.25", "--out", str(tmp_path / "soup.safetensors")]) == 0
+    soup = read_projector_state(tmp_path / "soup.safetensors")
+    for k in shapes:
+        torch.testing.assert_close(soup[k], 0.75 * a[k] + 0.25 * b[k])
+    assert all(torch.equal(average_projectors(a, b, 0.0)[k], a[k]) for k in a)
+    with pytest.raises(ValueError, match="weight"):
+        average_projectors(a, b, 1.5)
+    with pytest.raises(ValueError, match="different tensors"):
+        average_projectors(a, {"linear_1.weight": a["linear_1.weight"]})

@@ -83,6 +83,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=int, default=0, metavar="N",
                    help="after training (or with --eval-only), answer N held-out questions per type (colour, shape, digit)")
     p.add_argument("--eval-only", default=None, metavar="PROJECTOR", help="no training: evaluate this projector file")
+    p.add_argument("--average", nargs=2, default=None, metavar=("FIRST", "SECOND"),
+                   help="no training: write (1 - w) * FIRST + w * SECOND to --out (w = --average-weight)")
+    p.add_argument("--average-weight", type=float, default=0.5, metavar="W")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -105,6 +108,12 @@ def _print_heldout(res: dict) -> None:
             print(f"   wrong {s['id']}: expected {s['expected']!r}, got {s['prediction']!r}")
 
 
+def _shipped():
+    from kvpress_mm.offline import paths
+
+    return paths.SHIPPED_PROJECTOR
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parser().parse_args(argv)
@@ -113,6 +122,18 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     progress = not args.no_progress
+    if args.average:
+        from kvpress_mm.offline.mini_llava import read_projector_state
+
+        from .projector import average_projectors, save_llava_projector
+
+        first, second = (read_projector_state(p) for p in args.average)
+        out = save_llava_projector(average_projectors(first, second, args.average_weight), args.out or _shipped(),
+                                   {"average_of": " ".join(args.average), "weight": args.average_weight})
+        print(f"[average] wrote {out}", flush=True)
+        if not args.heldout:
+            return 0
+        args.eval_only = str(out)
     if args.eval_only:
         res = run_heldout(args.eval_only, args.heldout or 20, args.cache_dir, args.eval_batch_size, progress)
         _print_heldout(res)

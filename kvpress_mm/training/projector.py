@@ -110,3 +110,14 @@ def save_llava_projector(state: dict[str, torch.Tensor], path, metadata: dict | 
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
+
+
+def average_projectors(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor],
+                       weight: float = 0.5) -> dict[str, torch.Tensor]:
+    """(1 - weight) * first + weight * second, tensor by tensor: a "model soup" of two projectors fine-tuned
+    from the same start (stage 3 from stage 2), which keeps most of what each stage learned."""
+    if set(first) != set(second) or any(first[k].shape != second[k].shape for k in first):
+        raise ValueError("the two projectors have different tensors; only projectors of one architecture average")
+    if not 0.0 <= float(weight) <= 1.0:
+        raise ValueError(f"weight must be in [0, 1], got {weight!r}")
+    return {k: (1 - weight) * first[k].float() + weight * second[k].float() for k in first}
