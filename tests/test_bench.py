@@ -21,6 +21,10 @@ def test_bench_smoke(tmp_path):
     assert len(saved["records"]) == 3
     assert "prefill / sdpa" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").stat().st_size > 1000
+    summary = (tmp_path / "bench_summary.md").read_text().splitlines()
+    assert summary[0].startswith("| strategy | micro @ 96: prefill | micro @ 96: decode | micro @ 96: peak mem |")
+    assert [line.split(" | ")[0] for line in summary[2:]] == ["| snapkv", "| h2o", "| eager_reference"]
+    assert summary[-1].split(" | ")[2] == "-"  # the eager reference is not decoded
 
 
 def test_peak_memory_sees_a_large_allocation():

@@ -33,6 +33,30 @@ def write_markdown(records: list[dict], path: Path) -> None:
     Path(path).write_text(markdown_table(records))
 
 
+def summary_table(records: list[dict], budget: float = 0.2) -> str:
+    """Markdown: a row per strategy, for each (model, longest prompt measured for it) the prefill ratio,
+    the decode ratio and the peak-memory ratio at `budget` (the eager reference at its own budget)."""
+    longest = {}
+    for r in records:
+        longest[r["model"]] = max(longest.get(r["model"], 0), r["length"])
+    cols = [(m, n) for m, n in longest.items()]
+    pick = {}
+    for r in records:
+        if r["length"] == longest[r["model"]] and (r["budget"] == budget or r["strategy"] == "eager_reference"):
+            pick[(r["strategy"], r["model"])] = r
+    names = list(dict.fromkeys(r["strategy"] for r in records))
+    head = ["strategy"] + [f"{m} @ {n}: {what}" for m, n in cols for what in ("prefill", "decode", "peak mem")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        cells = [name]
+        for m, _ in cols:
+            r = pick.get((name, m), {})
+            cells += [_cell(r, "prefill_ratio", "{:.2f}"), _cell(r, "decode_ratio", "{:.2f}"),
+                      _cell(r, "peak_memory_ratio", "{:.2f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_plot(records: list[dict], path: Path) -> None:
     """Prefill and decode ratios against prompt length, one line per strategy (budget 0.2 where present)."""
     if not records:

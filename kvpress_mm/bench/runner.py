@@ -23,7 +23,7 @@ import kvpress_mm
 
 from .measure import decode_ms_per_token, prefill
 from .models import load_bench_model
-from .report import write_markdown, write_plot
+from .report import summary_table, write_markdown, write_plot
 
 EAGER_REFERENCE = "eager_reference"
 
@@ -145,7 +145,8 @@ def _points(names, settings, prompt: int) -> list[Point]:
 
 
 def run_benchmark(settings: BenchSettings) -> list[dict]:
-    """Measure the matrix of `settings`; writes bench.json, bench.md and bench.png to output_dir."""
+    """Measure the matrix of `settings`; writes bench.json, bench.md (every record), bench_summary.md (a row per
+    strategy at each model's longest prompt) and bench.png to output_dir."""
     torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)
     dtype = getattr(torch, settings.dtype)
@@ -177,5 +178,7 @@ def run_benchmark(settings: BenchSettings) -> list[dict]:
     records.sort(key=lambda r: (list(models).index(r["model"]), r["length"]))
     (out / "bench.json").write_text(json.dumps({"settings": asdict(settings), "records": records}, indent=1))
     write_markdown(records, out / "bench.md")
+    if records:
+        (out / "bench_summary.md").write_text(summary_table(records, 0.2 if 0.2 in settings.budgets else settings.budgets[-1]))
     write_plot(records, out / "bench.png")
     return records
