@@ -72,3 +72,29 @@ def test_rounds_share_plain_runs_between_neighbours(monkeypatch):
     assert "decode_ratio" in record and "decode_ratio" not in runner.record_of(points[-1])
     with pytest.raises(ValueError, match="plain_every"):
         BenchSettings(plain_every=0)
+
+
+def _record(model, length, strategy, prefill):
+    return {"model": model, "length": length, "strategy": strategy, "budget": 0.2, "prefill_ratio": prefill,
+            "decode_ratio": 0.5, "kv_ratio": 0.2, "peak_memory_ratio": 0.7, "plain_prefill_seconds": 1.0}
+
+
+def test_report_merges_runs_and_picks_the_summary_length(tmp_path):
+    from kvpress_mm.bench import report
+
+    first = tmp_path / "a.json"
+    first.write_text(json.dumps({"records": [_record("tiny", 1024, "h2o", 1.5), _record("tiny", 4096, "h2o", 1.4),
+                                             _record("mid", 1024, "h2o", 1.2)]}))
+    second = tmp_path / "b.json"
+    second.write_text(json.dumps({"records": [_record("tiny", 4096, "h2o", 1.3), _record("tiny", 8192, "h2o", 1.25)]}))
+    assert report.main([str(tmp_path / "out"), str(first), str(second), "--length", "4096"]) == 0
+    merged = json.loads((tmp_path / "out" / "bench.json").read_text())["records"]
+    assert [(r["model"], r["length"]) for r in merged] == [("tiny", 1024), ("tiny", 4096), ("tiny", 8192), ("mid", 1024)]
+    assert [r["prefill_ratio"] for r in merged if r["length"] == 4096] == [1.3]  # the later run wins
+    summary = (tmp_path / "out" / "bench_summary.md").read_text().splitlines()
+    # tiny at 4096 (8192 is above --length), mid at its longest, 1024
+    assert summary[0] == ("| strategy | tiny @ 4096: prefill | tiny @ 4096: decode | tiny @ 4096: peak mem | "
+                          "mid @ 1024: prefill | mid @ 1024: decode | mid @ 1024: peak mem |")
+    assert summary[2].startswith("| h2o | 1.30 | 0.50 | 0.70 | 1.20 |")
+    assert "tiny @ 8192" in report.summary_table(merged)
+    assert (tmp_path / "out" / "bench.png").stat().st_size > 1000

@@ -1,7 +1,14 @@
-"""Benchmark output: a Markdown table and a PNG plot of the ratios."""
+"""Benchmark output: a Markdown table and a PNG plot of the ratios.
+
+`python -m kvpress_mm.bench.report OUT BENCH_JSON [BENCH_JSON ...] [--length N]` merges the records of
+several bench runs (e.g. the short prompts of every model in one run, 8k on the tiny model in another) and
+writes the same four files as one run would, into OUT.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
 COLUMNS = [
@@ -33,12 +40,15 @@ def write_markdown(records: list[dict], path: Path) -> None:
     Path(path).write_text(markdown_table(records))
 
 
-def summary_table(records: list[dict], budget: float = 0.2) -> str:
-    """Markdown: a row per strategy, for each (model, longest prompt measured for it) the prefill ratio,
-    the decode ratio and the peak-memory ratio at `budget` (the eager reference at its own budget)."""
+def summary_table(records: list[dict], budget: float = 0.2, length: int | None = None) -> str:
+    """Markdown: a row per strategy, for each (model, longest prompt measured for it, or the longest one
+    not above `length`) the prefill ratio, the decode ratio and the peak-memory ratio at `budget` (the
+    eager reference at its own budget)."""
     longest = {}
     for r in records:
-        longest[r["model"]] = max(longest.get(r["model"], 0), r["length"])
+        if length is None or r["length"] <= length or all(o["length"] > length for o in records
+                                                         if o["model"] == r["model"]):
+            longest[r["model"]] = max(longest.get(r["model"], 0), r["length"])
     cols = [(m, n) for m, n in longest.items()]
     pick = {}
     for r in records:
@@ -85,3 +95,45 @@ def write_plot(records: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_reports(records: list[dict], out: Path, budget: float = 0.2, length: int | None = None) -> None:
+    """bench.json, bench.md (every record), bench_summary.md and bench.png into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps({"records": records}, indent=1))
+    write_markdown(records, out / "bench.md")
+    if records:
+        (out / "bench_summary.md").write_text(summary_table(records, budget, length))
+    write_plot(records, out / "bench.png")
+
+
+def merge(paths: list[str | Path]) -> list[dict]:
+    """The records of several bench.json files; a later file's record replaces an earlier one's for the
+    same (model, length, strategy, budget), so a rerun of some points overrides the first run."""
+    merged: dict[tuple, dict] = {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["records"]:
+            merged[(r["model"], r["length"], r["strategy"], r["budget"])] = r
+    order = list(dict.fromkeys(r["model"] for r in merged.values()))
+    return sorted(merged.values(), key=lambda r: (order.index(r["model"]), r["length"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kvpress_mm.bench.report", description=__doc__.splitlines()[0])
+    p.add_argument("out", help="folder for bench.json, bench.md, bench_summary.md, bench.png")
+    p.add_argument("inputs", nargs="+", help="bench.json files of earlier runs")
+    p.add_argument("--budget", type=float, default=0.2, help="budget of the summary table (default 0.2)")
+    p.add_argument("--length", type=int, default=None,
+                   help="summary at the longest prompt not above this (default: each model's longest)")
+    args = p.parse_args(argv)
+    records = merge(args.inputs)
+    if not records:
+        p.error(f"no records in {', '.join(args.inputs)}")
+    write_reports(records, Path(args.out), args.budget, args.length)
+    print(summary_table(records, args.budget, args.length))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,7 +23,7 @@ import kvpress_mm
 
 from .measure import decode_ms_per_token, prefill
 from .models import load_bench_model
-from .report import summary_table, write_markdown, write_plot
+from .report import write_reports
 
 EAGER_REFERENCE = "eager_reference"
 
@@ -176,9 +176,6 @@ def run_benchmark(settings: BenchSettings) -> list[dict]:
                 records.extend({**base, **record_of(p)} for p in points)
                 (out / "bench.json").write_text(json.dumps({"settings": asdict(settings), "records": records}, indent=1))
     records.sort(key=lambda r: (list(models).index(r["model"]), r["length"]))
+    write_reports(records, out, 0.2 if 0.2 in settings.budgets else settings.budgets[-1])
     (out / "bench.json").write_text(json.dumps({"settings": asdict(settings), "records": records}, indent=1))
-    write_markdown(records, out / "bench.md")
-    if records:
-        (out / "bench_summary.md").write_text(summary_table(records, 0.2 if 0.2 in settings.budgets else settings.budgets[-1]))
-    write_plot(records, out / "bench.png")
     return records
