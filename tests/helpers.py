@@ -48,7 +48,7 @@ def _masked_reference(module, query, key, value, attention_mask, **kwargs):
     keep = _REF_KEEP.get(module.layer_idx)
     if keep is None or query.shape[2] == key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    b, heads, q_len, s_len = key.shape[0], query.shape[1], query.shape[2], key.shape[2]
+    b, heads, s_len = key.shape[0], query.shape[1], key.shape[2]
     prompt = keep.expand(b, keep.shape[1], keep.shape[2])
     new = torch.ones((b, keep.shape[1], s_len - keep.shape[2]), dtype=torch.bool, device=key.device)
     allowed = torch.cat([prompt, new], dim=-1)[:, :, None, :]

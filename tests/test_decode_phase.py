@@ -28,7 +28,7 @@ def test_cache_never_exceeds_budget_plus_n(name, phase, every):
     strategy = kvpress_mm.get_strategy(name, budget=0.25, phase=phase, compress_every=every)
     seen, handle = _track_lengths(t.model)
     try:
-        with strategy(t.model) as press:
+        with strategy(t.model):
             tokens, logits = generate(t.model, inputs, steps=STEPS)
     finally:
         handle.remove()
