@@ -80,6 +80,7 @@ def _record(model, length, strategy, prefill):
 
 
 def test_report_merges_runs_and_picks_the_summary_length(tmp_path):
+    from kvpress_mm import summarize_bench
     from kvpress_mm.bench import report
 
     first = tmp_path / "a.json"
@@ -87,7 +88,7 @@ def test_report_merges_runs_and_picks_the_summary_length(tmp_path):
                                              _record("mid", 1024, "h2o", 1.2)]}))
     second = tmp_path / "b.json"
     second.write_text(json.dumps({"records": [_record("tiny", 4096, "h2o", 1.3), _record("tiny", 8192, "h2o", 1.25)]}))
-    assert report.main([str(tmp_path / "out"), str(first), str(second), "--length", "4096"]) == 0
+    assert summarize_bench.main([str(tmp_path / "out"), str(first), str(second), "--length", "4096"]) == 0
     merged = json.loads((tmp_path / "out" / "bench.json").read_text())["records"]
     assert [(r["model"], r["length"]) for r in merged] == [("tiny", 1024), ("tiny", 4096), ("tiny", 8192), ("mid", 1024)]
     assert [r["prefill_ratio"] for r in merged if r["length"] == 4096] == [1.3]  # the later run wins

@@ -1,13 +1,7 @@
-"""Benchmark output: a Markdown table and a PNG plot of the ratios.
-
-`python -m kvpress_mm.bench.report OUT BENCH_JSON [BENCH_JSON ...] [--length N]` merges the records of
-several bench runs (e.g. the short prompts of every model in one run, 8k on the tiny model in another) and
-writes the same four files as one run would, into OUT.
-"""
+"""Benchmark output: a Markdown table and a PNG plot of the ratios (`merge` combines several runs)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -118,22 +112,3 @@ def merge(paths: list[str | Path]) -> list[dict]:
     order = list(dict.fromkeys(r["model"] for r in merged.values()))
     return sorted(merged.values(), key=lambda r: (order.index(r["model"]), r["length"]))
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvpress_mm.bench.report", description=__doc__.splitlines()[0])
-    p.add_argument("out", help="folder for bench.json, bench.md, bench_summary.md, bench.png")
-    p.add_argument("inputs", nargs="+", help="bench.json files of earlier runs")
-    p.add_argument("--budget", type=float, default=0.2, help="budget of the summary table (default 0.2)")
-    p.add_argument("--length", type=int, default=None,
-                   help="summary at the longest prompt not above this (default: each model's longest)")
-    args = p.parse_args(argv)
-    records = merge(args.inputs)
-    if not records:
-        p.error(f"no records in {', '.join(args.inputs)}")
-    write_reports(records, Path(args.out), args.budget, args.length)
-    print(summary_table(records, args.budget, args.length))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
