@@ -21,11 +21,37 @@ def compact_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, slot_valid
 
 
+def _flat_rows(index: torch.Tensor, b: int, heads: int, length: int) -> torch.Tensor:
+    """index [B, 1|H, N] of positions in [0, length) -> [B*H*N] rows of a [B*H*length, D] view."""
+    index = index.expand(b, heads, index.shape[-1])
+    base = torch.arange(b * heads, device=index.device).view(b, heads, 1) * length
+    return (index + base).reshape(-1)
+
+
+# Row-wise index_select / index_add_ over a flat [B*H*L, D] view: on CPU ~10x faster than gather /
+# scatter_add_ with an index expanded over D (those visit every element with its own index).
 def gather_positions(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """states [B, Hkv, L, D], index [B, 1|Hkv, K] -> [B, Hkv, K, D]."""
-    b, kv_heads, _, d = states.shape
-    index = index.expand(b, kv_heads, index.shape[-1])
-    return torch.gather(states, 2, index[..., None].expand(-1, -1, -1, d))
+    """states [B, H, L, D], index [B, 1|H, K] -> [B, H, K, D] (states[b, h, index[b, h, k]])."""
+    b, heads, length, d = states.shape
+    rows = _flat_rows(index, b, heads, length)
+    return states.reshape(-1, d).index_select(0, rows).view(b, heads, -1, d)
+
+
+def add_at_positions(states: torch.Tensor, index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """In place: states[b, h, index[b, h, n]] += source[b, h, n] (repeated indices accumulate); returns states.
+
+    states [B, H, L, D] contiguous, index [B, H, N], source [B, H, N, D]."""
+    b, heads, length, d = states.shape
+    states.view(-1, d).index_add_(0, _flat_rows(index, b, heads, length), source.reshape(-1, d))
+    return states
+
+
+def put_positions(states: torch.Tensor, index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """A copy of states [B, H, L, D] with states[b, h, index[b, h, k]] = source[b, h, k] (distinct indices)."""
+    b, heads, length, d = states.shape
+    out = states.clone(memory_format=torch.contiguous_format)
+    out.view(-1, d).index_copy_(0, _flat_rows(index, b, heads, length), source.reshape(-1, d).to(out.dtype))
+    return out
 
 
 def layer_bytes(keys: torch.Tensor, values: torch.Tensor) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cache_ops import compact_index
+from .cache_ops import add_at_positions, compact_index, gather_positions, put_positions
 
 MERGE_MODES = ("none", "averaged", "pivotal", "weighted")
 MERGE_SCOPES = ("any", "same_modality")
@@ -51,9 +51,7 @@ def nearest_kept(
     if n_kept == 0 or n_evicted == 0:
         return kept_index, kept_valid, evicted_index, match, similarity
     states = keys.float()
-    kept_unit_t = F.normalize(
-        torch.gather(states, 2, kept_index[..., None].expand(-1, -1, -1, d)), dim=-1
-    ).transpose(-1, -2).contiguous()
+    kept_unit_t = F.normalize(gather_positions(states, kept_index), dim=-1).transpose(-1, -2).contiguous()
     blocked = None if bool(kept_valid.all()) else ~kept_valid[:, :, None, :]
     if labels is not None:
         labels_bh = labels[:, None, :].expand(b, h, -1)
@@ -64,7 +62,7 @@ def nearest_kept(
     chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h * n_kept))
     for e0 in range(0, n_evicted, chunk):
         e1 = min(n_evicted, e0 + chunk)
-        evicted = torch.gather(states, 2, evicted_index[:, :, e0:e1, None].expand(-1, -1, -1, d))
+        evicted = gather_positions(states, evicted_index[:, :, e0:e1])
         # the argmax of cosine needs only the kept side normalised; the evicted norm rescales the best value
         sim = evicted @ kept_unit_t  # [B, H, c, K]
         if blocked is not None:
@@ -114,13 +112,13 @@ def merge_evicted(
     new_states = []
     for states in (keys, values):
         states32 = states.float()
-        kept = torch.gather(states32, 2, kept_index[..., None].expand(-1, -1, -1, d))
-        evicted = torch.gather(states32, 2, evicted_index[..., None].expand(-1, -1, -1, d))
+        kept = gather_positions(states32, kept_index)
+        evicted = gather_positions(states32, evicted_index)
         if mode == "pivotal":
             # each evicted token first meets its pivot half-way
-            evicted = (evicted + torch.gather(kept, 2, target[..., None].expand(-1, -1, -1, d))) / 2
-        total = kept.clone().scatter_add_(2, target[..., None].expand(-1, -1, -1, d), evicted * weight[..., None])
+            evicted = (evicted + gather_positions(kept, target)) / 2
+        total = add_at_positions(kept.clone(), target, evicted * weight[..., None])
         mass = torch.ones(kept.shape[:3], device=keys.device).scatter_add_(2, target, weight)
         merged = (total / mass[..., None]).to(states.dtype)
-        new_states.append(states.scatter(2, kept_index[..., None].expand(-1, -1, -1, d), merged))
+        new_states.append(put_positions(states, kept_index, merged))
     return new_states[0], new_states[1]
