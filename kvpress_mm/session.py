@@ -19,7 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .adapters import adapter_for
 from .backend import set_decoder_attention
-from .attention_stats import accumulated_attention, allowed_from_mask, attention_with_lse, window_attention
+from .attention_stats import accumulated_attention, allowed_from_mask, attention_with_accumulated, window_attention
 from .cache_ops import layer_bytes
 from .layer_state import LayerState, apply_index, compacted_state
 from .layer import LayerKV, Plan
@@ -234,20 +234,21 @@ class CompressionSession:
             return output, probs
         fused = None
         plain = all(k in _PLAIN_KWARGS or v is None for k, v in kwargs.items()) and not kwargs.get("dropout")
-        if self.needs.accumulated and attention_mask is None and plain and kwargs.get("is_causal", True):
-            fused = attention_with_lse(query, key, value, scale)
+        causal = attention_mask is None and query_valid is None and kwargs.get("is_causal", True)
+        if self.needs.accumulated and causal and plain:
+            fused = attention_with_accumulated(query, key, value, scale)
         if fused is not None:
-            out, lse = fused
+            out, accumulated = fused
             result = (out.transpose(1, 2).contiguous(), None)
         else:
-            lse = None
+            accumulated = None
             result = base(module, query, key, value, attention_mask, **kwargs)
         allowed = allowed_from_mask(attention_mask)
-        window = accumulated = None
+        window = None
         if self.needs.window:
             window = window_attention(query, key, scale, self.needs.window, allowed, query_valid)
-        if self.needs.accumulated:
-            accumulated = accumulated_attention(query, key, scale, allowed, query_valid, lse)
+        if self.needs.accumulated and accumulated is None:
+            accumulated = accumulated_attention(query, key, scale, allowed, query_valid)
         self.pending[module.layer_idx] = (window, accumulated)
         return result
 
