@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cache_ops import add_at_positions, compact_index, gather_positions, put_positions
+from .cache_ops import compact_index, gather_positions, put_positions
 
 MERGE_MODES = ("none", "averaged", "pivotal", "weighted")
 MERGE_SCOPES = ("any", "same_modality")
@@ -108,17 +108,32 @@ def merge_evicted(
         n_found = found.sum(-1, keepdim=True).clamp(min=1)
         mean_sim = (similarity * found).sum(-1, keepdim=True) / n_found
         weight = torch.where(found & (similarity >= mean_sim), similarity.clamp(min=0.0), 0.0)
-    target = match.clamp(min=0)
+    # Every mode is  k_j <- (a_j k_j + c sum_{e -> j} w_e k_e) / (1 + W_j),  W_j = sum_{e -> j} w_e;
+    # pivotal's (k_e + k_j) / 2 terms give a_j = 1 + W_j / 2 and c = 1/2, the others a_j = 1, c = 1.
+    # Written this way no [evicted, D] copy of the pivots is ever formed.
+    n_kept = kept_index.shape[-1]
+    target = match.clamp(min=0)  # unmatched tokens carry weight 0
+    kept_rows = torch.arange(b * h, device=keys.device).view(b, h, 1) * n_kept + target
+    mass = torch.zeros((b, h, n_kept), device=keys.device).scatter_add_(2, target, weight)
+    kept_scale = 1.0 + mass / 2 if mode == "pivotal" else torch.ones_like(mass)
+    evicted_scale = 0.5 if mode == "pivotal" else 1.0
+    if mode != "weighted":
+        spare = b * h * n_kept
+        target_rows = torch.full((b, h, length), spare, dtype=torch.long, device=keys.device)
+        target_rows.scatter_(2, evicted_index, torch.where(found, kept_rows, spare))
+        target_rows = target_rows.view(-1)
     new_states = []
     for states in (keys, values):
         states32 = states.float()
         kept = gather_positions(states32, kept_index)
-        evicted = gather_positions(states32, evicted_index)
-        if mode == "pivotal":
-            # each evicted token first meets its pivot half-way
-            evicted = (evicted + gather_positions(kept, target)) / 2
-        total = add_at_positions(kept.clone(), target, evicted * weight[..., None])
-        mass = torch.ones(kept.shape[:3], device=keys.device).scatter_add_(2, target, weight)
-        merged = (total / mass[..., None]).to(states.dtype)
-        new_states.append(put_positions(states, kept_index, merged))
+        if mode == "weighted":
+            summed = torch.zeros_like(kept).view(-1, d)
+            evicted = gather_positions(states32, evicted_index).mul_(weight[..., None])
+            summed.index_add_(0, kept_rows.reshape(-1), evicted.reshape(-1, d))
+        else:
+            # weights are 0 / 1: every position adds straight from the full-length states into its
+            # pivot's row, or into a spare last row (kept, unmatched, padding): no [evicted, D] copy
+            summed = kept.new_zeros(spare + 1, d).index_add_(0, target_rows, states32.reshape(-1, d))[:-1]
+        merged = (kept * kept_scale[..., None] + summed.view_as(kept) * evicted_scale) / (1.0 + mass[..., None])
+        new_states.append(put_positions(states, kept_index, merged.to(states.dtype)))
     return new_states[0], new_states[1]

@@ -1,10 +1,10 @@
-"""The row-wise position helpers equal torch.gather / scatter_add_ / scatter with an index expanded over D."""
+"""The row-wise position helpers equal torch.gather / scatter with an index expanded over D."""
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpress_mm.cache_ops import add_at_positions, gather_positions, put_positions
+from kvpress_mm.cache_ops import gather_positions, put_positions
 
 torch.set_num_threads(1)
 
@@ -19,12 +19,6 @@ def test_position_helpers_match_gather_and_scatter(b, h, length, n, d, shared, s
     index = torch.randint(0, length, (b, 1 if shared else h, n), generator=g)
     full_index = index.expand(b, h, n)[..., None].expand(-1, -1, -1, d)
     assert torch.equal(gather_positions(states, index), torch.gather(states, 2, full_index))
-
-    source = torch.randn(b, h, n, d, generator=g)
-    base = states.float()
-    expected = base.clone().scatter_add_(2, full_index, source)
-    got = add_at_positions(base.clone(), index.expand(b, h, n), source)
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)  # only the order of the sums may differ
 
     distinct = torch.stack([torch.randperm(length, generator=g)[: min(n, length)] for _ in range(b * h)])
     distinct = distinct.view(b, h, -1)
