@@ -13,3 +13,15 @@ kvpress-mm bench "models=[mid]" "lengths=[4096]" threads=1 "budgets=[0.2]" \
   eager_reference=false output_dir=runs/bench_d
 python -m kvpress_mm.summarize_bench docs/bench runs/bench_a/bench.json runs/bench_b/bench.json \
   runs/bench_c/bench.json runs/bench_d/bench.json --length 4096
+# after the one-pass attention + statistics (attention_stats.py) and the merge rewrite (merge.py), on a
+# different 2-core machine (AMD EPYC, AVX2): every 4k / 8k row measured again, the two cores running the
+# two commands below side by side; these records replace the earlier 4k / 8k ones in the merge
+kvpress-mm bench "models=[mid]" "lengths=[4096]" threads=1 output_dir=runs/bench_e
+kvpress-mm bench "models=[tiny]" "lengths=[4096,8192]" threads=1 output_dir=runs/bench_f
+# mini_llava at 4k with every strategy was ~30 min a round on this machine: the targets' strategies only
+kvpress-mm bench "models=[mini_llava]" "lengths=[4096]" threads=1 "budgets=[0.2]" \
+  "strategies=[h2o,look_m,text_prior_pivot_merge,snapkv,streaming_llm,tova]" eager_reference=false \
+  output_dir=runs/bench_g
+# the new runs' records replace the 4k / 8k rows of that first merge
+python -m kvpress_mm.summarize_bench docs/bench docs/bench/bench.json runs/bench_e/bench.json \
+  runs/bench_f/bench.json runs/bench_g/bench.json --length 4096
