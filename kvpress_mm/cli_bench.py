@@ -18,7 +18,11 @@ def run_bench(cfg: DictConfig) -> list[dict]:
 
     values = OmegaConf.to_container(cfg, resolve=True)
     fields = {f.name for f in dataclasses.fields(BenchSettings)}
-    settings = BenchSettings(**{k: v for k, v in values.items() if k in fields})
+    try:
+        settings = BenchSettings(**{k: v for k, v in values.items() if k in fields})
+    except ValueError as err:
+        print(f"kvpress-mm: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     if settings.output_dir is None:
         settings.output_dir = HydraConfig.get().runtime.output_dir
     unknown = [n for n in settings.strategies if n not in kvpress_mm.list_strategies()]

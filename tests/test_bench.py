@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from kvpress_mm.bench import BenchSettings, run_benchmark
 from kvpress_mm.bench.memory import peak_memory
 
@@ -37,8 +39,6 @@ def test_peak_memory_sees_a_large_allocation():
 
 
 def test_rounds_share_plain_runs_between_neighbours(monkeypatch):
-    import pytest
-
     from kvpress_mm.bench import runner
 
     calls = []
@@ -99,3 +99,35 @@ def test_report_merges_runs_and_picks_the_summary_length(tmp_path):
     assert summary[2].startswith("| h2o | 1.30 | 0.50 | 0.70 | 1.20 |")
     assert "tiny @ 8192" in report.summary_table(merged)
     assert (tmp_path / "out" / "bench.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "field, value, named",
+    [
+        ("models", ["tiny", "large"], ["'large'", "tiny", "mid", "mini_llava"]),
+        ("lengths", [1024, 0], ["lengths", "0", ">= 16"]),
+        ("budgets", [0.2, 1.5], ["budgets", "1.5", "(0, 1]"]),
+        ("dtype", "float64", ["'float64'", "float32", "bfloat16", "float16"]),
+        ("device", "tpu", ["'tpu'", "cpu", "cuda"]),
+        ("device", "not a device", ["'not a device'"]),
+        ("decode_tokens", -1, ["decode_tokens", "-1"]),
+    ],
+)
+def test_bad_settings_name_the_value_and_the_allowed_ones(field, value, named):
+    with pytest.raises(ValueError) as err:
+        BenchSettings(**{field: value})
+    for text in named:
+        assert text in str(err.value)
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="'cuda'.*sees no CUDA device; use device=cpu"):
+        BenchSettings(device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    BenchSettings(device="cuda:1")
+    with pytest.raises(ValueError, match="'cuda:2'.*cuda:0..cuda:1"):
+        BenchSettings(device="cuda:2")

@@ -140,3 +140,11 @@ def test_bench_command_writes_json_table_and_plot(tmp_path):
     records = json.loads((tmp_path / "b" / "bench.json").read_text())["records"]
     assert [(r["model"], r["strategy"], r["budget"]) for r in records] == [("micro", "snapkv", 0.25)]
     assert "prefill / sdpa" in result.stdout and (tmp_path / "b" / "bench.png").exists()
+
+
+def test_bench_bad_setting_is_one_line_before_any_model_loads(tmp_path):
+    result = kvpress_mm(["bench", "models=[micro,huge]", "lengths=[48]"], cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "'huge'" in lines[0] and "mini_llava" in lines[0] and "micro" in lines[0]

@@ -61,32 +61,68 @@ def summary_table(records: list[dict], budget: float = 0.2, length: int | None =
     return "\n".join(lines) + "\n"
 
 
-def write_plot(records: list[dict], path: Path) -> None:
-    """Prefill and decode ratios against prompt length, one line per strategy (budget 0.2 where present)."""
+PANELS = (
+    ("prefill_ratio", "prefill time / plain sdpa", True),
+    ("decode_ratio", "decode ms/token / full cache", False),
+    ("peak_memory_ratio", "peak prefill memory / plain sdpa", True),
+)
+
+
+def _styles(names: list[str]) -> dict:
+    """A distinct (colour, marker, line style) per strategy: 18 lines do not fit one 10-colour cycle."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab20"].colors
+    markers = "osD^vP*Xh<>p"
+    return {
+        name: dict(color=colours[i % len(colours)], marker=markers[i % len(markers)],
+                   linestyle="--" if name == "eager_reference" else ("-" if i % 2 == 0 else ":"))
+        for i, name in enumerate(names)
+    }
+
+
+def write_plot(records: list[dict], path: Path, budget: float = 0.2) -> None:
+    """Prefill, decode and peak-memory ratios against prompt length, a row per model, a line per strategy
+    at `budget` (the eager reference at its own). Prefill and memory use a log axis, so the ~1.0-1.3x
+    strategies stay readable beside the eager reference's several-fold cost."""
     if not records:
         return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
-    models = sorted({r["model"] for r in records})
-    fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.6 * len(models)), squeeze=False)
+    models = list(dict.fromkeys(r["model"] for r in records))
+    names = sorted({r["strategy"] for r in records})
+    styles = _styles(names)
+    fig, axes = plt.subplots(len(models), len(PANELS), figsize=(15, 3.8 * len(models)), squeeze=False)
     for row, model in enumerate(models):
-        rows = [r for r in records if r["model"] == model and r["budget"] in (0.2,)]
-        for col, (key, title) in enumerate((("prefill_ratio", "prefill time / plain sdpa"),
-                                            ("decode_ratio", "decode ms/token / full cache"))):
+        rows = [r for r in records if r["model"] == model
+                and (r["budget"] == budget or r["strategy"] == "eager_reference")]
+        for col, (key, title, log) in enumerate(PANELS):
             ax = axes[row][col]
-            for name in sorted({r["strategy"] for r in rows}):
+            for name in names:
                 pts = sorted((r["length"], r[key]) for r in rows if r["strategy"] == name and r.get(key) is not None)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=name, linewidth=1)
+                    ax.plot(*zip(*pts), label=name, linewidth=1, markersize=4, **styles[name])
             ax.axhline(1.0, color="grey", linewidth=0.8)
             ax.set_xscale("log", base=2)
-            ax.set_title(f"{model}: {title} (budget 0.2)")
+            if log:
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
+                ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
+                ax.tick_params(axis="y", which="minor", labelsize=6)
+            ax.set_title(f"{model}: {title} (budget {budget})", fontsize=9)
             ax.set_xlabel("prompt tokens")
-        axes[row][0].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7)
+    fig.tight_layout(rect=(0, 0.03 + 0.012 * ((len(labels) + 5) // 6), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -99,7 +135,7 @@ def write_reports(records: list[dict], out: Path, budget: float = 0.2, length: i
     write_markdown(records, out / "bench.md")
     if records:
         (out / "bench_summary.md").write_text(summary_table(records, budget, length))
-    write_plot(records, out / "bench.png")
+    write_plot(records, out / "bench.png", budget)
 
 
 def merge(paths: list[str | Path]) -> list[dict]:

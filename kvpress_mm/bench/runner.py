@@ -22,10 +22,30 @@ from tqdm import tqdm
 import kvpress_mm
 
 from .measure import decode_ms_per_token, prefill
-from .models import load_bench_model
+from .models import RANDOM_SIZES, load_bench_model
 from .report import write_reports
 
 EAGER_REFERENCE = "eager_reference"
+BENCH_MODELS = (*RANDOM_SIZES, "mini_llava")
+DTYPES = ("float32", "bfloat16", "float16")
+MIN_LENGTH = 16
+
+
+def check_device(name: str) -> None:
+    """ValueError naming the device when torch cannot use it here (before any model is built)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"bench: device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"bench: device {name!r} asked for, but this torch ({torch.__version__}) sees no CUDA "
+                             "device; use device=cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"bench: device {name!r} asked for, but only cuda:0..cuda:{count - 1} exist")
+    elif device.type != "cpu":
+        raise ValueError(f"bench: device {name!r} is not supported; choose cpu or cuda[:N]")
 
 
 @dataclass
@@ -45,10 +65,25 @@ class BenchSettings:
     output_dir: str | None = "."
 
     def __post_init__(self):
+        # every setting is checked before any model loads: a typo must not surface after an hour of measuring
         for name in ("repeats", "plain_every", "threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"bench: {name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.decode_tokens, bool) or not isinstance(self.decode_tokens, int) or self.decode_tokens < 0:
+            raise ValueError(f"bench: decode_tokens must be an integer >= 0, got {self.decode_tokens!r}")
+        unknown = [m for m in self.models if m not in BENCH_MODELS]
+        if unknown or not self.models:
+            raise ValueError(f"bench: models {unknown or self.models!r} unknown; choose from {', '.join(BENCH_MODELS)}")
+        bad = [n for n in self.lengths if isinstance(n, bool) or not isinstance(n, int) or n < MIN_LENGTH]
+        if bad or not self.lengths:
+            raise ValueError(f"bench: lengths must be integers >= {MIN_LENGTH}, got {bad or self.lengths!r}")
+        bad = [b for b in self.budgets if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1]
+        if bad or not self.budgets:
+            raise ValueError(f"bench: budgets must be in (0, 1], got {bad or self.budgets!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"bench: dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_device(self.device)
 
 
 @dataclass
