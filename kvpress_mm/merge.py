@@ -30,6 +30,31 @@ MERGE_SCOPES = ("any", "same_modality")
 _CHUNK_ELEMENTS = 1024 * 1024  # small blocks stay in cache: ~2x faster than large ones on CPU
 
 
+_ARGMAX_BLOCK = 64
+
+
+def first_argmax(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, index of its first occurrence) over the last dim, like `torch.max(scores, -1)`.
+
+    On CPU `max` with indices runs ~10x slower than `amax`: the maximum of every 64-wide block is found
+    with `amax`, and only the winning block is searched for the index.
+    """
+    width = scores.shape[-1]
+    n_blocks = width // _ARGMAX_BLOCK
+    if n_blocks < 2:
+        return torch.max(scores, dim=-1)
+    main = n_blocks * _ARGMAX_BLOCK
+    block_max = scores[..., :main].unflatten(-1, (n_blocks, _ARGMAX_BLOCK)).amax(-1)
+    if main < width:
+        block_max = torch.cat([block_max, scores[..., main:].amax(-1, keepdim=True)], dim=-1)
+    best, block = torch.max(block_max, dim=-1)
+    start = block * _ARGMAX_BLOCK
+    # the last block may be short: its clamped indices repeat the final column after the real ones
+    columns = (start[..., None] + torch.arange(_ARGMAX_BLOCK, device=scores.device)).clamp_(max=width - 1)
+    hit = torch.gather(scores, -1, columns) == best[..., None]
+    return best, start + hit.to(torch.uint8).argmax(-1)
+
+
 def nearest_kept(
     keys: torch.Tensor,
     keep: torch.Tensor,
@@ -69,7 +94,7 @@ def nearest_kept(
             sim.masked_fill_(blocked, float("-inf"))
         if labels is not None:
             sim.masked_fill_(evicted_labels[:, :, e0:e1, None] != kept_labels[:, :, None, :], float("-inf"))
-        torch.max(sim, dim=-1, out=(best[:, :, e0:e1], slot[:, :, e0:e1]))
+        best[:, :, e0:e1], slot[:, :, e0:e1] = first_argmax(sim)
         best[:, :, e0:e1] /= evicted.norm(dim=-1).clamp(min=1e-12)
     found = evicted_valid & torch.isfinite(best)
     match = torch.where(found, slot, -1)

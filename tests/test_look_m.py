@@ -172,3 +172,50 @@ def test_text_prior_keeps_text_in_a_real_model():
         for h in range(keep.shape[1]):
             kept_images = [j for j in torch.nonzero(keep[0, h] & image).flatten().tolist() if j not in recent]
             assert kept_images == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    width=st.integers(1, 300),
+    levels=st.integers(1, 6),
+    blocked=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_first_argmax_is_max_with_the_first_index(rows, width, levels, blocked, seed):
+    """Few distinct values make ties common; -inf marks blocked columns, some rows entirely."""
+    import numpy as np
+
+    from kvpress_mm.merge import first_argmax
+
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, levels, (2, rows, width), generator=gen).float()
+    scores[torch.rand(scores.shape, generator=gen) < blocked] = float("-inf")
+    best, index = first_argmax(scores)
+    expected = scores.numpy().argmax(-1)  # numpy documents the first occurrence
+    assert torch.equal(index, torch.from_numpy(expected))
+    assert torch.equal(best, scores.amax(-1))
+
+
+def test_nearest_kept_over_many_kept_keys_matches_float64_search():
+    """Hundreds of kept keys (the blocked argmax path), against cosine + argmax in float64."""
+    from kvpress_mm.merge import nearest_kept
+
+    gen = torch.Generator().manual_seed(7)
+    keys = torch.randn(2, 3, 700, 16, generator=gen)
+    keep = torch.rand(2, 3, 700, generator=gen) < 0.4
+    evict = ~keep
+    kept_index, kept_valid, evicted_index, match, similarity = nearest_kept(keys, keep, evict)
+    assert kept_valid.shape[-1] > 2 * 64
+    unit = torch.nn.functional.normalize(keys.double(), dim=-1)
+    for b in range(2):
+        for h in range(3):
+            kept = keep[b, h].nonzero()[:, 0]
+            evicted = evict[b, h].nonzero()[:, 0]
+            sim = unit[b, h, evicted] @ unit[b, h, kept].T
+            n_kept, n_evicted = len(kept), len(evicted)
+            slots = kept_index[b, h, -n_kept:]
+            assert torch.equal(slots, kept)
+            got = kept_index[b, h, match[b, h, -n_evicted:]]
+            assert torch.equal(got, kept[sim.argmax(-1)])
+            assert torch.allclose(similarity[b, h, -n_evicted:].double(), sim.amax(-1), atol=1e-5)
