@@ -129,12 +129,18 @@ def accumulated_attention(
     k_t = key.float().transpose(-1, -2)
     total = torch.zeros((b, kv_heads, groups, s_len), dtype=torch.float32, device=query.device)
     chunk = _chunk_size(b, h, s_len)
+    starts = range(0, length, chunk)
+    # causal: queries of a chunk see keys up to their own position only. Under a mask, a chunk whose
+    # queries see nothing beyond that point (causal + padding: every chunk) is cut there too, which halves
+    # the matmul; the checks are queued first and read back once (one device sync, not one per chunk).
+    ends = [offset + min(length, i0 + chunk) for i0 in starts]
+    if allowed is not None:
+        beyond = torch.stack([allowed[:, :, i0:e - offset, e:].any() for i0, e in zip(starts, ends)]).tolist()
+        ends = [s_len if seen else e for e, seen in zip(ends, beyond)]
     tri = None
-    for i0 in range(0, length, chunk):
+    for i0, k_end in zip(starts, ends):
         i1 = min(length, i0 + chunk)
         c = i1 - i0
-        # causal: queries of this chunk see keys up to their own position only
-        k_end = s_len if allowed is not None else offset + i1
         q = _grouped(q_all[:, :, i0:i1], kv_heads)
         scores = torch.matmul(q, k_t[..., :k_end]).view(b, kv_heads, groups, c, k_end)
         if allowed is not None:

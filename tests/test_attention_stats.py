@@ -113,3 +113,22 @@ def test_stats_in_low_precision_are_float32_and_finite(dtype):
     torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=2e-2)
     # every query distributes probability 1 over its keys: the total mass is the number of queries
     torch.testing.assert_close(acc.sum(-1), torch.full((1, 4), 50.0), atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("block", [None, (120, 140), (250, 290)])
+def test_accumulated_under_a_mask_over_several_chunks(block):
+    """Causal + left padding lets each 128-query chunk stop at its last query; a bidirectional block that
+    crosses a chunk boundary must not be cut (keys after the chunk are seen)."""
+    torch.manual_seed(3)
+    length, pad = 300, 9
+    q = torch.randn(2, 4, length, 8)
+    k = torch.randn(2, 2, length, 8)
+    allowed = _causal(length).repeat(2, 1, 1, 1)
+    if block is not None:
+        allowed[:, :, block[0]:block[1], block[0]:block[1]] = True
+    allowed[1, :, :, :pad] = False
+    valid = torch.ones(2, length, dtype=torch.bool)
+    valid[1, :pad] = False
+    probs = _eager_probs(q, k, 0.3, allowed) * valid[:, None, :, None]
+    got = accumulated_attention(q, k, 0.3, allowed=allowed, query_valid=valid)
+    torch.testing.assert_close(got, probs.sum(2), atol=1e-4, rtol=1e-5)
