@@ -19,7 +19,13 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .adapters import adapter_for
 from .backend import set_decoder_attention
-from .attention_stats import accumulated_attention, allowed_from_mask, attention_with_accumulated, window_attention
+from .attention_stats import (
+    accumulated_attention,
+    allowed_from_mask,
+    attention_with_accumulated,
+    causal_with_key_padding,
+    window_attention,
+)
 from .cache_ops import layer_bytes
 from .layer_state import LayerState, apply_index, compacted_state
 from .layer import LayerKV, Plan
@@ -30,7 +36,7 @@ logger = logging.getLogger("kvpress_mm")
 
 SUPPORTED_BACKENDS = ("sdpa", "eager")
 # attention kwargs that do not change what plain causal attention computes
-_PLAIN_KWARGS = {"dropout", "scaling", "position_ids", "use_cache", "output_attentions", "is_causal"}
+_PLAIN_KWARGS = {"dropout", "scaling", "position_ids", "use_cache", "output_attentions", "is_causal", "logits_to_keep"}
 
 # id(attention module) -> the session compressing it
 _ACTIVE: dict[int, "CompressionSession"] = {}
@@ -149,6 +155,7 @@ class CompressionSession:
         self.pending: dict[int, tuple] = {}
         self.decode_mask_2d: torch.Tensor | None = None
         self._keep: dict[int, torch.Tensor] = {}
+        self._padding_masks: dict[tuple, bool] = {}  # (id, data_ptr, shape) of a prefill mask -> causal + padding?
 
     def _before_forward(self, module, args, kwargs):
         cache = _cache_from(kwargs)
@@ -234,9 +241,11 @@ class CompressionSession:
             return output, probs
         fused = None
         plain = all(k in _PLAIN_KWARGS or v is None for k, v in kwargs.items()) and not kwargs.get("dropout")
-        causal = attention_mask is None and query_valid is None and kwargs.get("is_causal", True)
-        if self.needs.accumulated and causal and plain:
-            fused = attention_with_accumulated(query, key, value, scale)
+        if self.needs.accumulated and plain and kwargs.get("is_causal", True):
+            if attention_mask is None and query_valid is None:
+                fused = attention_with_accumulated(query, key, value, scale)
+            elif query_valid is not None and query.device.type == "cpu" and self._is_padding_mask(attention_mask, valid):
+                fused = attention_with_accumulated(query, key, value, scale, key_valid=valid)
         if fused is not None:
             out, accumulated = fused
             result = (out.transpose(1, 2).contiguous(), None)
@@ -251,6 +260,16 @@ class CompressionSession:
             accumulated = accumulated_attention(query, key, scale, allowed, query_valid)
         self.pending[module.layer_idx] = (window, accumulated)
         return result
+
+    def _is_padding_mask(self, attention_mask, valid: torch.Tensor) -> bool:
+        """Whether the layer's mask is plain causal + key padding (checked once per mask per prompt: the
+        layers of one forward share their mask tensor)."""
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
+            return False
+        key = (id(attention_mask), attention_mask.data_ptr(), tuple(attention_mask.shape))
+        if key not in self._padding_masks:
+            self._padding_masks[key] = causal_with_key_padding(allowed_from_mask(attention_mask), valid)
+        return self._padding_masks[key]
 
     def _stats_from_probs(self, probs: torch.Tensor, query_valid):
         probs = probs.float()

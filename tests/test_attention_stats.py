@@ -132,3 +132,52 @@ def test_accumulated_under_a_mask_over_several_chunks(block):
     probs = _eager_probs(q, k, 0.3, allowed) * valid[:, None, :, None]
     got = accumulated_attention(q, k, 0.3, allowed=allowed, query_valid=valid)
     torch.testing.assert_close(got, probs.sum(2), atol=1e-4, rtol=1e-5)
+
+
+def _left_padded(pads, length):
+    valid = torch.ones(len(pads), length, dtype=torch.bool)
+    for row, pad in enumerate(pads):
+        valid[row, :pad] = False
+    return valid
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    pads=st.lists(st.integers(0, 40), min_size=1, max_size=3),
+    kv_heads=st.integers(1, 2),
+    groups=st.sampled_from([1, 3]),
+    length=st.integers(1, 150),
+    seed=st.integers(0, 2**16),
+)
+def test_one_pass_with_key_padding_matches_eager(pads, kv_heads, groups, length, seed):
+    """Left-padded rows: real queries get softmax over real causal keys; padded ones give 0 and add nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(pads)
+    valid = _left_padded([min(p, length) for p in pads], length)
+    q = torch.randn(batch, kv_heads * groups, length, 8, generator=gen) * 2
+    k = torch.randn(batch, kv_heads, length, 8, generator=gen) * 2
+    v = torch.randn(batch, kv_heads, length, 8, generator=gen)
+    allowed = _causal(length) & valid[:, None, None, :]
+    probs = _eager_probs(q, k, 0.3, allowed) * valid[:, None, :, None]
+    out, accumulated = attention_with_accumulated(q, k, v, 0.3, key_valid=valid)
+    torch.testing.assert_close(accumulated, probs.sum(2), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, probs @ v.repeat_interleave(groups, dim=1), atol=1e-5, rtol=1e-4)
+    assert torch.isfinite(out).all() and torch.all(out[~valid[:, None, :].expand(-1, q.shape[1], -1)] == 0)
+
+
+def test_causal_with_key_padding_recognises_only_that_mask():
+    from kvpress_mm.attention_stats import causal_with_key_padding
+
+    length = 12
+    valid = _left_padded([0, 5], length)
+    mask = _causal(length) & valid[:, None, None, :]
+    assert causal_with_key_padding(mask, valid)
+    odd_pad_rows = mask.clone()
+    odd_pad_rows[1, :, :5, :] = True  # what a model puts in padded query rows does not matter
+    assert causal_with_key_padding(odd_pad_rows, valid)
+    for change in ((slice(None), 3, 7), (1, 8, 2)):  # a real query seeing the future / losing a real key
+        other = mask.clone()
+        other[change[0], :, change[1], change[2]] = ~other[change[0], :, change[1], change[2]]
+        assert not causal_with_key_padding(other, valid)
+    assert not causal_with_key_padding(mask.expand(2, 3, length, length), valid)  # per-head masks
+    assert not causal_with_key_padding(mask[..., :-1, :], valid)  # queries after cached keys

@@ -103,3 +103,28 @@ def test_low_precision_models(family, dtype):
         assert press.compressed_any
         for idx in press.kept:
             assert cache.layers[idx].keys.dtype == dtype and cache.layers[idx].values.dtype == dtype
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_padded_batch_statistics_take_the_one_pass_path_where_the_mask_allows(family, monkeypatch):
+    """Causal + left padding is applied inside the one-pass attention (CPU); Gemma3's masks (bidirectional
+    image blocks) are not that form and keep the model's own kernel + the masked statistics pass.
+    test_batch_rows_equal_single_rows checks the numbers of both paths."""
+    from kvpress_mm import session as session_module
+
+    calls = []
+    original = session_module.attention_with_accumulated
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append(kwargs.get("key_valid") is not None and result is not None)
+        return result
+
+    monkeypatch.setattr(session_module, "attention_with_accumulated", spy)
+    t = tiny(family)
+    with kvpress_mm.get_strategy("h2o", budget=0.4)(t.model):
+        generate(t.model, t.make_inputs(rows_for(t)), steps=2)
+    if family == "gemma3":
+        assert calls == []
+    else:
+        assert calls and all(calls)
