@@ -111,6 +111,8 @@ def test_report_merges_runs_and_picks_the_summary_length(tmp_path):
         ("device", "tpu", ["'tpu'", "cpu", "cuda"]),
         ("device", "not a device", ["'not a device'"]),
         ("decode_tokens", -1, ["decode_tokens", "-1"]),
+        ("batch", 0, ["batch", "0", ">= 1"]),
+        ("padding", 1.0, ["padding", "1.0", "[0, 1)"]),
     ],
 )
 def test_bad_settings_name_the_value_and_the_allowed_ones(field, value, named):
@@ -131,3 +133,20 @@ def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
     BenchSettings(device="cuda:1")
     with pytest.raises(ValueError, match="'cuda:2'.*cuda:0..cuda:1"):
         BenchSettings(device="cuda:2")
+
+
+def test_padded_batch_bench(tmp_path):
+    """batch=3, padding=0.5: rows padded by 0, 1/4 and 1/2 of the prompt; every row keeps floor(0.25 * its
+    real tokens) and decoding continues the padded batch."""
+    settings = BenchSettings(
+        models=["micro"], lengths=[96], strategies=["h2o"], budgets=[0.25], repeats=1, decode_tokens=2,
+        batch=3, padding=0.5, eager_reference=False, output_dir=str(tmp_path),
+    )
+    [record] = run_benchmark(settings)
+    assert record["batch"] == 3 and record["padding"] == 0.5 and record["decode_ratio"] > 0
+    # the cache is as long as its largest row: floor(0.25 * 96) slots of the unpadded first row
+    assert record["kv_ratio"] == pytest.approx(24 / 96)
+    with pytest.raises(ValueError, match="needs batch >= 2"):
+        BenchSettings(padding=0.2)
+    with pytest.raises(ValueError, match="mini_llava runs with batch=1 only"):
+        BenchSettings(models=["tiny", "mini_llava"], batch=2)

@@ -20,6 +20,7 @@ class PrefillRun:
     length: int
     report: object = None
     session: object = None
+    prompt_mask: torch.Tensor | None = None  # [B, L] of a padded batch
 
 
 def _sync(device: torch.device) -> None:
@@ -55,7 +56,7 @@ def prefill(bench, inputs: dict, strategy, device: torch.device, eager: bool = F
     next_token = out.logits[:, -1:].argmax(-1)
     return PrefillRun(
         seconds, peak["bytes"], out.cache, next_token, inputs["input_ids"].shape[1],
-        session.report if session is not None else None, session,
+        session.report if session is not None else None, session, inputs.get("attention_mask"),
     )
 
 
@@ -68,9 +69,13 @@ def decode_ms_per_token(bench, run: PrefillRun, steps: int, device: torch.device
         session.__enter__()  # decode masks of the compacted layers come from the session
     try:
         times = []
+        batch = token.shape[0]
+        prompt_mask = run.prompt_mask
+        if prompt_mask is None:
+            prompt_mask = torch.ones((batch, run.length), dtype=torch.long, device=device)
         for step in range(steps):
-            position = torch.tensor([[run.length + step]], device=device)
-            mask = torch.ones((1, run.length + step + 1), dtype=torch.long, device=device)
+            position = torch.full((batch, 1), run.length + step, device=device)
+            mask = torch.cat([prompt_mask, prompt_mask.new_ones((batch, step + 1))], dim=-1)
             _sync(device)
             start = time.perf_counter()
             out = model(input_ids=token, cache=cache, position_ids=position, attention_mask=mask, use_cache=True)

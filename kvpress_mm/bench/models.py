@@ -19,7 +19,7 @@ RANDOM_SIZES = {
 class BenchModel:
     name: str
     model: torch.nn.Module
-    make_inputs: Callable[[int], dict]  # prompt length -> model inputs (batch 1)
+    make_inputs: Callable[..., dict]  # (prompt length, batch, padding) -> model inputs
     config: object  # the text config (for DynamicCache)
 
 
@@ -40,9 +40,16 @@ def random_llama(name: str, device: torch.device, dtype: torch.dtype, seed: int 
     model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype).to(device).eval()
     gen = torch.Generator().manual_seed(seed)
 
-    def make_inputs(length: int) -> dict:
-        ids = torch.randint(3, config.vocab_size, (1, length), generator=gen)
-        return {"input_ids": ids.to(device)}
+    def make_inputs(length: int, batch: int = 1, padding: float = 0.0) -> dict:
+        """Row i of a batch > 1 is left-padded by padding * length * i / (batch - 1) positions."""
+        ids = torch.randint(3, config.vocab_size, (batch, length), generator=gen)
+        if padding == 0:
+            return {"input_ids": ids.to(device)}
+        mask = torch.ones((batch, length), dtype=torch.long)
+        for row in range(1, batch):
+            mask[row, : round(padding * length * row / (batch - 1))] = 0
+        ids.masked_fill_(mask == 0, 0)
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
     return BenchModel(name, model, make_inputs, config)
 
@@ -55,7 +62,9 @@ def mini_llava(device: torch.device, dtype: torch.dtype, images: int = 4) -> Ben
     model, processor = load_mini_llava(dtype=dtype, device=device)
     words = "the of river light museum quiet morning garden number seven paper window".split()
 
-    def make_inputs(length: int) -> dict:
+    def make_inputs(length: int, batch: int = 1, padding: float = 0.0) -> dict:
+        if batch != 1:
+            raise ValueError(f"bench: mini_llava runs with batch=1 only, got batch={batch}")
         n_images = min(images, max(0, (length - 64) // 512))
         text_tokens = length - 256 * n_images
         filler = " ".join(words[i % len(words)] for i in range(text_tokens))

@@ -140,11 +140,12 @@ def write_reports(records: list[dict], out: Path, budget: float = 0.2, length: i
 
 def merge(paths: list[str | Path]) -> list[dict]:
     """The records of several bench.json files; a later file's record replaces an earlier one's for the
-    same (model, length, strategy, budget), so a rerun of some points overrides the first run."""
+    same (model, length, strategy, budget, batch, padding), so a rerun of some points overrides the first run."""
     merged: dict[tuple, dict] = {}
     for path in paths:
         for r in json.loads(Path(path).read_text())["records"]:
-            merged[(r["model"], r["length"], r["strategy"], r["budget"])] = r
+            key = (r["model"], r["length"], r["strategy"], r["budget"], r.get("batch", 1), r.get("padding", 0.0))
+            merged[key] = r
     order = list(dict.fromkeys(r["model"] for r in merged.values()))
     return sorted(merged.values(), key=lambda r: (order.index(r["model"]), r["length"]))
 

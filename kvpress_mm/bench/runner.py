@@ -57,6 +57,8 @@ class BenchSettings:
     repeats: int = 3
     plain_every: int = 3  # a plain sdpa run after every this many points of a round (1: strict pairs)
     decode_tokens: int = 16
+    batch: int = 1  # prompts per forward (random models only)
+    padding: float = 0.0  # left padding of the last row, as a share of the prompt (rows between: less)
     threads: int = 1
     device: str = "cpu"
     dtype: str = "float32"
@@ -66,7 +68,7 @@ class BenchSettings:
 
     def __post_init__(self):
         # every setting is checked before any model loads: a typo must not surface after an hour of measuring
-        for name in ("repeats", "plain_every", "threads"):
+        for name in ("repeats", "plain_every", "threads", "batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"bench: {name} must be an integer >= 1, got {value!r}")
@@ -84,6 +86,13 @@ class BenchSettings:
         if self.dtype not in DTYPES:
             raise ValueError(f"bench: dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check_device(self.device)
+        if isinstance(self.padding, bool) or not isinstance(self.padding, (int, float)) or not 0 <= self.padding < 1:
+            raise ValueError(f"bench: padding must be in [0, 1), got {self.padding!r}")
+        if self.padding and self.batch < 2:
+            raise ValueError(f"bench: padding={self.padding} needs batch >= 2 (the first row is never padded)")
+        if self.batch > 1 and "mini_llava" in self.models:
+            raise ValueError(f"bench: batch={self.batch}: mini_llava runs with batch=1 only; choose models from "
+                             f"{', '.join(RANDOM_SIZES)}")
 
 
 @dataclass
@@ -201,13 +210,14 @@ def run_benchmark(settings: BenchSettings) -> list[dict]:
     with tqdm(total=rounds, desc="bench rounds") as bar:
         for length in settings.lengths:
             for model_name, bench in models.items():
-                inputs = bench.make_inputs(length)
+                inputs = bench.make_inputs(length, settings.batch, settings.padding)
                 prompt = int(inputs["input_ids"].shape[1])
                 bar.set_postfix_str(f"{model_name} @ {prompt} tokens")
                 prefill(bench, inputs, None, device)  # warm-up
                 points = _points(names, settings, prompt)
                 measure_rounds(bench, inputs, points, settings, device, on_round=bar.update)
-                base = {"model": model_name, "length": prompt, "device": str(device), "threads": settings.threads}
+                base = {"model": model_name, "length": prompt, "device": str(device), "threads": settings.threads,
+                        "batch": settings.batch, "padding": settings.padding}
                 records.extend({**base, **record_of(p)} for p in points)
                 (out / "bench.json").write_text(json.dumps({"settings": asdict(settings), "records": records}, indent=1))
     records.sort(key=lambda r: (list(models).index(r["model"]), r["length"]))
