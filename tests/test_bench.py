@@ -146,6 +146,8 @@ def test_padded_batch_bench(tmp_path):
     assert record["batch"] == 3 and record["padding"] == 0.5 and record["decode_ratio"] > 0
     # the cache is as long as its largest row: floor(0.25 * 96) slots of the unpadded first row
     assert record["kv_ratio"] == pytest.approx(24 / 96)
+    table = (tmp_path / "bench.md").read_text().splitlines()
+    assert table[0].startswith("| model | tokens | batch | padding | strategy |") and "| 3 | 0.5 | h2o |" in table[2]
     with pytest.raises(ValueError, match="needs batch >= 2"):
         BenchSettings(padding=0.2)
     with pytest.raises(ValueError, match="mini_llava runs with batch=1 only"):

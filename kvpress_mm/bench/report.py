@@ -24,9 +24,12 @@ def _cell(record: dict, key: str, fmt: str) -> str:
 
 
 def markdown_table(records: list[dict]) -> str:
-    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    columns = COLUMNS
+    if any(r.get("batch", 1) != 1 for r in records):  # padded-batch runs say so
+        columns = [*COLUMNS[:2], ("batch", "batch", "{}"), ("padding", "padding", "{}"), *COLUMNS[2:]]
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
     for r in records:
-        lines.append("| " + " | ".join(_cell(r, key, fmt) for key, _, fmt in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(r, key, fmt) for key, _, fmt in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
