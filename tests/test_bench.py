@@ -98,6 +98,9 @@ def test_report_merges_runs_and_picks_the_summary_length(tmp_path):
                           "mid @ 1024: prefill | mid @ 1024: decode | mid @ 1024: peak mem |")
     assert summary[2].startswith("| h2o | 1.30 | 0.50 | 0.70 | 1.20 |")
     assert "tiny @ 8192" in report.summary_table(merged)
+    assert "machine" not in report.markdown_table(merged)
+    merged[0]["machine"] = "AMD EPYC, AVX2"
+    assert report.markdown_table(merged).splitlines()[0].endswith("| machine |")
     assert (tmp_path / "out" / "bench.png").stat().st_size > 1000
 
 
@@ -144,6 +147,7 @@ def test_padded_batch_bench(tmp_path):
     )
     [record] = run_benchmark(settings)
     assert record["batch"] == 3 and record["padding"] == 0.5 and record["decode_ratio"] > 0
+    assert record["machine"]  # the CPU model (and its vector unit) the numbers belong to
     # the cache is as long as its largest row: floor(0.25 * 96) slots of the unpadded first row
     assert record["kv_ratio"] == pytest.approx(24 / 96)
     table = (tmp_path / "bench.md").read_text().splitlines()

@@ -17,10 +17,6 @@ kvpress-mm bench "models=[mid]" "lengths=[4096]" threads=1 "budgets=[0.2]" repea
   output_dir=runs/bench_n                                                                            # 10 min
 kvpress-mm bench "models=[mini_llava]" "lengths=[1024,2048]" threads=1 "budgets=[0.2]" \
   "strategies=[h2o,look_m,text_prior_pivot_merge,snapkv,streaming_llm,tova]" output_dir=runs/bench_o
-# later runs' records replace earlier ones of the same (model, length, strategy, budget)
-python -m kvpress_mm.summarize_bench docs/bench runs/bench_j/bench.json runs/bench_k/bench.json \
-  runs/bench_l/bench.json runs/bench_m/bench.json runs/bench_n/bench.json runs/bench_o/bench.json --length 4200
-
 # ---- stop 14: a second machine (2-core AMD EPYC, AVX2 only, no AVX-512; nothing else running) ----
 # the 4k targets of the h2o / LOOK-M family re-checked on this slower machine (sdpa prefill of mid @ 4k: 20 s
 # here vs 14 s on the AVX-512 one)
@@ -29,3 +25,9 @@ kvpress-mm bench "models=[mid]" "lengths=[4096]" threads=1 "budgets=[0.2]" \
   eager_reference=false output_dir=runs/check_a                                                     # 14 min
 # mid @ 8k, every strategy at 0.1 and 0.2 (the eager reference stops at eager_max_length=4096)
 kvpress-mm bench "models=[mid]" "lengths=[8192]" threads=1 output_dir=runs/bench_p                  # ~2.7 h
+# merged into docs/bench (mid 8192 from bench_p; check_a stays out: its mid 4096 rows are from the other
+# machine than the table's). Records made before the `machine` field existed were labelled by where they ran:
+# mid 8192 "AMD EPYC, AVX2", every other "AMD EPYC, AVX-512".
+python -m kvpress_mm.summarize_bench docs/bench runs/bench_j/bench.json runs/bench_k/bench.json \
+  runs/bench_l/bench.json runs/bench_m/bench.json runs/bench_n/bench.json runs/bench_o/bench.json \
+  runs/bench_p/bench.json --length 4200

@@ -27,6 +27,8 @@ def markdown_table(records: list[dict]) -> str:
     columns = COLUMNS
     if any(r.get("batch", 1) != 1 for r in records):  # padded-batch runs say so
         columns = [*COLUMNS[:2], ("batch", "batch", "{}"), ("padding", "padding", "{}"), *COLUMNS[2:]]
+    if len({r.get("machine") for r in records}) > 1:  # merged runs from several machines
+        columns = [*columns, ("machine", "machine", "{}")]
     lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
     for r in records:
         lines.append("| " + " | ".join(_cell(r, key, fmt) for key, _, fmt in columns) + " |")

@@ -180,6 +180,26 @@ def record_of(point: Point) -> dict:
     return record
 
 
+def machine(device: torch.device) -> str:
+    """What the numbers were measured on: the GPU's name, or the CPU's model and its widest vector unit
+    (the same code measures differently on AVX2 and AVX-512 machines)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    vector = next((name for flag, name in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+                   if flag in flags), None)
+    return f"{model}, {vector}" if vector else model
+
+
 def _points(names, settings, prompt: int) -> list[Point]:
     points = [Point(name, budget, kvpress_mm.get_strategy(name, budget=budget))
               for name in names for budget in settings.budgets]
@@ -217,7 +237,7 @@ def run_benchmark(settings: BenchSettings) -> list[dict]:
                 points = _points(names, settings, prompt)
                 measure_rounds(bench, inputs, points, settings, device, on_round=bar.update)
                 base = {"model": model_name, "length": prompt, "device": str(device), "threads": settings.threads,
-                        "batch": settings.batch, "padding": settings.padding}
+                        "batch": settings.batch, "padding": settings.padding, "machine": machine(device)}
                 records.extend({**base, **record_of(p)} for p in points)
                 (out / "bench.json").write_text(json.dumps({"settings": asdict(settings), "records": records}, indent=1))
     records.sort(key=lambda r: (list(models).index(r["model"]), r["length"]))
