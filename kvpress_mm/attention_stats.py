@@ -8,6 +8,9 @@ own kernel and only the statistics a strategy asked for are computed beside it.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
 # upper bound on one chunk of scores (elements), ~32 MB in fp32
@@ -136,13 +139,20 @@ def accumulated_attention(
     scale: float,
     allowed: torch.Tensor | None = None,
     query_valid: torch.Tensor | None = None,
+    within_causal: bool = False,
 ) -> torch.Tensor:
     """Per-key sum of attention probabilities over all valid queries: [B, H, S] float32 (H2O scores).
 
     Exact, computed in query chunks next to the model's own attention (any mask, any device);
-    `attention_with_accumulated` is the faster one-pass form for plain causal prefill on CPU.
+    `attention_with_accumulated` is the faster one-pass form for plain causal prefill on CPU, and on
+    CUDA the two Triton kernels of `attention_stats_triton` do it when Triton is installed.
     allowed: bool [B, 1|H, L, S] or None for plain causal (then the upper triangle is skipped).
+    within_causal: `allowed` is known to hide every key after the query's position (`hides_future`).
     """
+    if query.is_cuda:
+        kernels = _triton_stats()
+        if kernels is not None:
+            return kernels.accumulated_attention(query, key, scale, allowed, query_valid, within_causal)
     b, h, length, d = query.shape
     kv_heads, s_len = key.shape[1], key.shape[2]
     groups = h // kv_heads
@@ -156,7 +166,7 @@ def accumulated_attention(
     # queries see nothing beyond that point (causal + padding: every chunk) is cut there too, which halves
     # the matmul; the checks are queued first and read back once (one device sync, not one per chunk).
     ends = [offset + min(length, i0 + chunk) for i0 in starts]
-    if allowed is not None:
+    if allowed is not None and not within_causal:
         beyond = torch.stack([allowed[:, :, i0:e - offset, e:].any() for i0, e in zip(starts, ends)]).tolist()
         ends = [s_len if seen else e for e, seen in zip(ends, beyond)]
     tri = None
@@ -186,3 +196,29 @@ def accumulated_attention(
         total[..., :k_end] += scores.sum(dim=3)
     return total.view(b, h, s_len)
 
+
+
+def hides_future(allowed: torch.Tensor, chunk: int = 1024) -> bool:
+    """Whether bool `allowed` [B, 1|H, L, S] lets no query see a key after its own position (the last L keys
+    are the queries'): true of causal masks with padding or a sliding window, false of bidirectional image
+    blocks. Checked in row chunks (no second L x S tensor), one device sync."""
+    length, s_len = allowed.shape[-2], allowed.shape[-1]
+    offset = s_len - length
+    future = [torch.triu(allowed[..., i0 : i0 + chunk, :], diagonal=i0 + offset + 1).any() for i0 in range(0, length, chunk)]
+    return not bool(torch.stack(future).any())
+
+
+@functools.lru_cache(maxsize=1)
+def _load_triton_stats():
+    try:
+        from . import attention_stats_triton
+    except ImportError:  # no Triton: the chunked torch form serves CUDA too
+        return None
+    return attention_stats_triton
+
+
+def _triton_stats():
+    """The Triton kernels module, or None without Triton or with KVPRESS_MM_TRITON=0 (compare the two forms)."""
+    if os.environ.get("KVPRESS_MM_TRITON", "1") == "0":
+        return None
+    return _load_triton_stats()

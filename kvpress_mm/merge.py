@@ -28,6 +28,9 @@ MERGE_SCOPES = ("any", "same_modality")
 
 # evicted tokens matched per chunk: bounds the [batch, heads, chunk, kept] similarity block
 _CHUNK_ELEMENTS = 1024 * 1024  # small blocks stay in cache: ~2x faster than large ones on CPU
+# on a GPU each chunk costs a dozen kernel launches: 1M-element chunks made a mid layer's merge at 8k
+# ~160 chunks (LOOK-M ~35x plain sdpa in bf16 on an H200); 16M (64 MB in fp32) makes it ~10
+_CHUNK_ELEMENTS_GPU = 16 * 1024 * 1024
 
 
 _ARGMAX_BLOCK = 64
@@ -37,11 +40,12 @@ def first_argmax(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(max, index of its first occurrence) over the last dim, like `torch.max(scores, -1)`.
 
     On CPU `max` with indices runs ~10x slower than `amax`: the maximum of every 64-wide block is found
-    with `amax`, and only the winning block is searched for the index.
+    with `amax`, and only the winning block is searched for the index. Elsewhere `max` is used as is
+    (it returns the first index of the maximum too).
     """
     width = scores.shape[-1]
     n_blocks = width // _ARGMAX_BLOCK
-    if n_blocks < 2:
+    if n_blocks < 2 or scores.device.type != "cpu":
         return torch.max(scores, dim=-1)
     main = n_blocks * _ARGMAX_BLOCK
     block_max = scores[..., :main].unflatten(-1, (n_blocks, _ARGMAX_BLOCK)).amax(-1)
@@ -84,7 +88,8 @@ def nearest_kept(
         evicted_labels = torch.gather(labels_bh, 2, evicted_index)
     best = torch.empty((b, h, n_evicted), dtype=torch.float32, device=keys.device)
     slot = torch.empty((b, h, n_evicted), dtype=torch.long, device=keys.device)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h * n_kept))
+    elements = _CHUNK_ELEMENTS if keys.device.type == "cpu" else _CHUNK_ELEMENTS_GPU
+    chunk = max(1, elements // max(1, b * h * n_kept))
     for e0 in range(0, n_evicted, chunk):
         e1 = min(n_evicted, e0 + chunk)
         evicted = gather_positions(states, evicted_index[:, :, e0:e1])

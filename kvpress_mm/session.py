@@ -24,6 +24,7 @@ from .attention_stats import (
     allowed_from_mask,
     attention_with_accumulated,
     causal_with_key_padding,
+    hides_future,
     window_attention,
 )
 from .cache_ops import layer_bytes
@@ -156,6 +157,7 @@ class CompressionSession:
         self.decode_mask_2d: torch.Tensor | None = None
         self._keep: dict[int, torch.Tensor] = {}
         self._padding_masks: dict[tuple, bool] = {}  # (id, data_ptr, shape) of a prefill mask -> causal + padding?
+        self._future_hidden: dict[tuple, bool] = {}  # same key -> the mask hides every later key?
 
     def _before_forward(self, module, args, kwargs):
         cache = _cache_from(kwargs)
@@ -257,7 +259,8 @@ class CompressionSession:
         if self.needs.window:
             window = window_attention(query, key, scale, self.needs.window, allowed, query_valid)
         if self.needs.accumulated and accumulated is None:
-            accumulated = accumulated_attention(query, key, scale, allowed, query_valid)
+            within_causal = allowed is not None and self._hides_future(attention_mask, allowed)
+            accumulated = accumulated_attention(query, key, scale, allowed, query_valid, within_causal)
         self.pending[module.layer_idx] = (window, accumulated)
         return result
 
@@ -270,6 +273,14 @@ class CompressionSession:
         if key not in self._padding_masks:
             self._padding_masks[key] = causal_with_key_padding(allowed_from_mask(attention_mask), valid)
         return self._padding_masks[key]
+
+    def _hides_future(self, attention_mask, allowed: torch.Tensor) -> bool:
+        """Whether the layer's mask is causal (padding or a window aside), once per mask per prompt: the
+        statistics may then skip the key blocks after each query block."""
+        key = (id(attention_mask), attention_mask.data_ptr(), tuple(attention_mask.shape))
+        if key not in self._future_hidden:
+            self._future_hidden[key] = hides_future(allowed)
+        return self._future_hidden[key]
 
     def _stats_from_probs(self, probs: torch.Tensor, query_valid):
         probs = probs.float()

@@ -21,9 +21,13 @@ MIXED_ROWS = [
 TEXT_ROWS = [[("text", 48)], [("text", 37)]]
 
 
+# set from pytest's --device option (conftest.py)
+DEVICE = torch.device("cpu")
+
+
 @functools.lru_cache(maxsize=None)
 def tiny(family: str, dtype: torch.dtype = torch.float32):
-    return build_tiny(family, dtype=dtype)
+    return build_tiny(family, dtype=dtype, device=DEVICE)
 
 
 def rows_for(t, rows=None):

@@ -1,6 +1,7 @@
 """The public contract: budgets, registry, plugins and clear errors."""
 
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -112,8 +113,11 @@ def test_entry_point_plugin(tmp_path):
         print("plugin ok")
         """
     )
-    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    # the installed kvpress_mm (an install --target adds its folder to PYTHONPATH), never the source folder
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)
+    env = {"PYTHONPATH": path, "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "plugin ok" in result.stdout
 

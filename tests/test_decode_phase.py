@@ -78,7 +78,7 @@ def test_streaming_decode_phase_equals_masked_full_cache():
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         # decode step i attends to what was held after step i-1, plus the token being decoded
         allowed_positions = held[step["i"] - 1][module.layer_idx] | {key.shape[2] - 1}
-        allowed = torch.zeros(key.shape[2], dtype=torch.bool)
+        allowed = torch.zeros(key.shape[2], dtype=torch.bool, device=key.device)
         allowed[sorted(allowed_positions)] = True
         return sdpa_attention_forward(module, query, key, value, allowed[None, None, None, :], **kwargs)
 

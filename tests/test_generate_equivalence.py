@@ -108,8 +108,8 @@ def test_low_precision_models(family, dtype):
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_padded_batch_statistics_take_the_one_pass_path_where_the_mask_allows(family, monkeypatch):
     """Causal + left padding is applied inside the one-pass attention (CPU); Gemma3's masks (bidirectional
-    image blocks) are not that form and keep the model's own kernel + the masked statistics pass.
-    test_batch_rows_equal_single_rows checks the numbers of both paths."""
+    image blocks) are not that form and keep the model's own kernel + the masked statistics pass, as every
+    model does on CUDA. test_batch_rows_equal_single_rows checks the numbers of both paths."""
     from kvpress_mm import session as session_module
 
     calls = []
@@ -124,7 +124,7 @@ def test_padded_batch_statistics_take_the_one_pass_path_where_the_mask_allows(fa
     t = tiny(family)
     with kvpress_mm.get_strategy("h2o", budget=0.4)(t.model):
         generate(t.model, t.make_inputs(rows_for(t)), steps=2)
-    if family == "gemma3":
-        assert calls == []
+    if family == "gemma3" or t.model.device.type != "cpu":
+        assert not any(calls)
     else:
         assert calls and all(calls)

@@ -62,12 +62,28 @@ def tiny_builder(family: str):
     return register
 
 
-def build_tiny(family: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> TinyModel:
-    """Build the tiny random-weight model of `family` (see TINY_FAMILIES)."""
+def build_tiny(
+    family: str, dtype: torch.dtype = torch.float32, seed: int = 0, device: str | torch.device = "cpu"
+) -> TinyModel:
+    """Build the tiny random-weight model of `family` (see TINY_FAMILIES) on `device`.
+
+    Weights and inputs are drawn on the CPU (the same numbers on every device), then moved."""
     if family not in _FAMILY_MODULES:
         raise ValueError(f"unknown tiny model family {family!r}; known: {', '.join(TINY_FAMILIES)}")
     importlib.import_module(_FAMILY_MODULES[family])
-    return _BUILDERS[family](dtype=dtype, seed=seed)
+    tiny = _BUILDERS[family](dtype=dtype, seed=seed)
+    device = torch.device(device)
+    if device.type != "cpu":
+        tiny.model.to(device)
+        tiny.make_inputs = _inputs_on(tiny.make_inputs, device)
+    return tiny
+
+
+def _inputs_on(make_inputs: Callable[..., dict], device: torch.device) -> Callable[..., dict]:
+    def on_device(*args, **kwargs) -> dict:
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in make_inputs(*args, **kwargs).items()}
+
+    return on_device
 
 
 def left_pad(rows_ids: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
