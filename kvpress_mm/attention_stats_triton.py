@@ -14,25 +14,15 @@ Triton is imported only when this module is (a CUDA prefill of a strategy that n
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 
-
-def _configs(block: str) -> list:
-    """Tile shapes tried once per (head dim, dtype, length bucket) on the GPU at hand; a config that does
-    not fit the chip's registers or shared memory is skipped by the autotuner. The interpreter (CPU
-    tests) gets one."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64})]
-    shapes = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2)]
-    if block == "keys":  # the second pass walks queries for a block of keys: mirror the shapes
-        shapes = [(n, m, w, st) for m, n, w, st in shapes]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
+# one tile shape, checked on an H200 (bench in docs/bench/device_check.sh). An autotuner over six shapes
+# was tried: compiling every shape for every mask / dtype variant took minutes on the first prompts.
+_BLOCK = 64
 
 
 @triton.jit
@@ -53,9 +43,8 @@ def _scores(q, k_t, offs_m, offs_n, mask_ptr, L, S, offset, scale_log2,
     return tl.where(ok, s, float("-inf"))
 
 
-@triton.autotune(configs=_configs("queries"), key=["LENGTH_BUCKET", "D", "HAS_MASK", "CAUSAL", "IEEE"])
 @triton.jit
-def _row_lse(Q, K, MASK, LSE, L, S, offset, scale_log2, HEADS, GROUPS, D, LENGTH_BUCKET,
+def _row_lse(Q, K, MASK, LSE, L, S, offset, scale_log2, HEADS, GROUPS, D,
              s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_mb, s_mh, s_mm, s_mn,
              HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -89,9 +78,8 @@ def _row_lse(Q, K, MASK, LSE, L, S, offset, scale_log2, HEADS, GROUPS, D, LENGTH
     tl.store(LSE + bh * L + offs_m, lse, mask=offs_m < L)
 
 
-@triton.autotune(configs=_configs("keys"), key=["LENGTH_BUCKET", "D", "HAS_MASK", "HAS_VALID", "CAUSAL", "IEEE"])
 @triton.jit
-def _key_sums(Q, K, MASK, LSE, VALID, OUT, L, S, offset, scale_log2, HEADS, GROUPS, D, LENGTH_BUCKET,
+def _key_sums(Q, K, MASK, LSE, VALID, OUT, L, S, offset, scale_log2, HEADS, GROUPS, D,
               s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_mb, s_mh, s_mm, s_mn, s_vb, s_vm,
               HAS_MASK: tl.constexpr, HAS_VALID: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -164,13 +152,14 @@ def accumulated_attention(
     ieee = query.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     lse = torch.empty((b, h, length), dtype=torch.float32, device=device)
     out = torch.empty((b, h, s_len), dtype=torch.float32, device=device)
-    # tiles are tuned per power-of-two length: a new prompt length reuses its bucket's choice
-    common = (s_len - length, scale * _LOG2E, h, h // kv_heads, d, triton.next_power_of_2(s_len),
+    block_d = triton.next_power_of_2(d)
+    block = _BLOCK if block_d <= 128 else _BLOCK // 2
+    common = (s_len - length, scale * _LOG2E, h, h // kv_heads, d,
               *query.stride(), *key.stride(), s_mb, s_mh, s_mm, s_mn)
-    flags = dict(HAS_MASK=allowed is not None, CAUSAL=causal, IEEE=ieee, BLOCK_D=triton.next_power_of_2(d))
-    _row_lse[lambda meta: (triton.cdiv(length, meta["BLOCK_M"]), b * h)](
-        query, key, mask, lse, length, s_len, *common, **flags)
-    _key_sums[lambda meta: (triton.cdiv(s_len, meta["BLOCK_N"]), b * h)](
+    flags = dict(HAS_MASK=allowed is not None, CAUSAL=causal, IEEE=ieee,
+                 BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d)
+    _row_lse[(triton.cdiv(length, block), b * h)](query, key, mask, lse, length, s_len, *common, **flags)
+    _key_sums[(triton.cdiv(s_len, block), b * h)](
         query, key, mask, lse, valid, out, length, s_len, *common, s_vb, s_vm,
         HAS_VALID=query_valid is not None, **flags,
     )

@@ -104,6 +104,27 @@ def test_report_merges_runs_and_picks_the_summary_length(tmp_path):
     assert (tmp_path / "out" / "bench.png").stat().st_size > 1000
 
 
+def test_runs_in_two_dtypes_stay_two_series(tmp_path):
+    """mid in float32 (a record from before records carried their dtype: its run's settings say it) and
+    mid in bfloat16 on a GPU: merged side by side, a dtype column, a summary column group per series."""
+    from kvpress_mm.bench import report
+
+    fp32 = tmp_path / "fp32.json"
+    fp32.write_text(json.dumps({"settings": {"dtype": "float32"}, "records": [_record("mid", 4096, "h2o", 1.1)]}))
+    bf16 = tmp_path / "bf16.json"
+    bf16.write_text(json.dumps({"records": [{**_record("mid", 4096, "h2o", 2.8), "dtype": "bfloat16",
+                                              "device": "cuda", "machine": "NVIDIA H200"}]}))
+    merged = report.merge([fp32, bf16])
+    assert [(r["dtype"], r["prefill_ratio"]) for r in merged] == [("float32", 1.1), ("bfloat16", 2.8)]
+    assert report.series_labels(merged) == ["mid float32 cpu", "mid bfloat16 cuda"]
+    assert "| dtype |" in report.markdown_table(merged).splitlines()[0]
+    summary = report.summary_table(merged)
+    assert "mid float32 cpu @ 4096: prefill" in summary and "mid bfloat16 cuda @ 4096: prefill" in summary
+    assert summary.splitlines()[2].startswith("| h2o | 1.10 | 0.50 | 0.70 | 2.80 |")
+    report.write_plot(merged, tmp_path / "two.png")
+    assert (tmp_path / "two.png").stat().st_size > 1000
+
+
 @pytest.mark.parametrize(
     "field, value, named",
     [

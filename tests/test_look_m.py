@@ -197,9 +197,15 @@ def test_first_argmax_is_max_with_the_first_index(rows, width, levels, blocked, 
     assert torch.equal(best, scores.amax(-1))
 
 
-def test_nearest_kept_over_many_kept_keys_matches_float64_search():
-    """Hundreds of kept keys (the blocked argmax path), against cosine + argmax in float64."""
+@pytest.mark.parametrize("chunk_elements", [None, "gpu", 3000])
+def test_nearest_kept_over_many_kept_keys_matches_float64_search(chunk_elements, monkeypatch):
+    """Hundreds of kept keys (the blocked argmax path), against cosine + argmax in float64; evicted tokens
+    matched in the CPU's chunks, in one GPU-sized chunk, or in many small ones."""
+    from kvpress_mm import merge
     from kvpress_mm.merge import nearest_kept
+
+    if chunk_elements is not None:
+        monkeypatch.setattr(merge, "_CHUNK_ELEMENTS", merge._CHUNK_ELEMENTS_GPU if chunk_elements == "gpu" else chunk_elements)
 
     gen = torch.Generator().manual_seed(7)
     keys = torch.randn(2, 3, 700, 16, generator=gen)

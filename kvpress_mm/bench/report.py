@@ -18,6 +18,14 @@ COLUMNS = [
 ]
 
 
+def series_labels(records: list[dict]) -> list[str]:
+    """A label per record for its series: the model, with the dtype and the device when merged runs differ
+    in them (mid in float32 and in bfloat16 are two series)."""
+    defaults = {"model": None, "dtype": "float32", "device": "cpu"}
+    parts = ["model"] + [k for k in ("dtype", "device") if len({r.get(k, defaults[k]) for r in records}) > 1]
+    return [" ".join(str(r.get(k, defaults[k])) for k in parts) for r in records]
+
+
 def _cell(record: dict, key: str, fmt: str) -> str:
     value = record.get(key)
     return "-" if value is None else fmt.format(value)
@@ -27,6 +35,8 @@ def markdown_table(records: list[dict]) -> str:
     columns = COLUMNS
     if any(r.get("batch", 1) != 1 for r in records):  # padded-batch runs say so
         columns = [*COLUMNS[:2], ("batch", "batch", "{}"), ("padding", "padding", "{}"), *COLUMNS[2:]]
+    if len({r.get("dtype") for r in records}) > 1:
+        columns = [*columns[:2], ("dtype", "dtype", "{}"), *columns[2:]]
     if len({r.get("machine") for r in records}) > 1:  # merged runs from several machines
         columns = [*columns, ("machine", "machine", "{}")]
     lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
@@ -43,16 +53,19 @@ def summary_table(records: list[dict], budget: float = 0.2, length: int | None =
     """Markdown: a row per strategy, for each (model, longest prompt measured for it, or the longest one
     not above `length`) the prefill ratio, the decode ratio and the peak-memory ratio at `budget` (the
     eager reference at its own budget)."""
+    series = dict(zip(map(id, records), series_labels(records)))
     longest = {}
     for r in records:
+        m = series[id(r)]
         if length is None or r["length"] <= length or all(o["length"] > length for o in records
-                                                         if o["model"] == r["model"]):
-            longest[r["model"]] = max(longest.get(r["model"], 0), r["length"])
+                                                         if series[id(o)] == m):
+            longest[m] = max(longest.get(m, 0), r["length"])
     cols = [(m, n) for m, n in longest.items()]
     pick = {}
     for r in records:
-        if r["length"] == longest[r["model"]] and (r["budget"] == budget or r["strategy"] == "eager_reference"):
-            pick[(r["strategy"], r["model"])] = r
+        m = series[id(r)]
+        if r["length"] == longest.get(m) and (r["budget"] == budget or r["strategy"] == "eager_reference"):
+            pick[(r["strategy"], m)] = r
     names = list(dict.fromkeys(r["strategy"] for r in records))
     head = ["strategy"] + [f"{m} @ {n}: {what}" for m, n in cols for what in ("prefill", "decode", "peak mem")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -98,12 +111,13 @@ def write_plot(records: list[dict], path: Path, budget: float = 0.2) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter
 
-    models = list(dict.fromkeys(r["model"] for r in records))
+    labels_of = series_labels(records)
+    models = list(dict.fromkeys(labels_of))
     names = sorted({r["strategy"] for r in records})
     styles = _styles(names)
     fig, axes = plt.subplots(len(models), len(PANELS), figsize=(15, 3.8 * len(models)), squeeze=False)
     for row, model in enumerate(models):
-        rows = [r for r in records if r["model"] == model
+        rows = [r for r, label in zip(records, labels_of) if label == model
                 and (r["budget"] == budget or r["strategy"] == "eager_reference")]
         for col, (key, title, log) in enumerate(PANELS):
             ax = axes[row][col]
@@ -145,11 +159,15 @@ def write_reports(records: list[dict], out: Path, budget: float = 0.2, length: i
 
 def merge(paths: list[str | Path]) -> list[dict]:
     """The records of several bench.json files; a later file's record replaces an earlier one's for the
-    same (model, length, strategy, budget, batch, padding), so a rerun of some points overrides the first run."""
+    same (model, dtype, device, length, strategy, budget, batch, padding), so a rerun of some points
+    overrides the first run. Records written before they carried their dtype take their run's."""
     merged: dict[tuple, dict] = {}
     for path in paths:
-        for r in json.loads(Path(path).read_text())["records"]:
-            key = (r["model"], r["length"], r["strategy"], r["budget"], r.get("batch", 1), r.get("padding", 0.0))
+        run = json.loads(Path(path).read_text())
+        for r in run["records"]:
+            r.setdefault("dtype", run.get("settings", {}).get("dtype", "float32"))
+            key = (r["model"], r["dtype"], r.get("device", "cpu"), r["length"], r["strategy"], r["budget"],
+                   r.get("batch", 1), r.get("padding", 0.0))
             merged[key] = r
     order = list(dict.fromkeys(r["model"] for r in merged.values()))
     return sorted(merged.values(), key=lambda r: (order.index(r["model"]), r["length"]))

@@ -236,8 +236,9 @@ def run_benchmark(settings: BenchSettings) -> list[dict]:
                 prefill(bench, inputs, None, device)  # warm-up
                 points = _points(names, settings, prompt)
                 measure_rounds(bench, inputs, points, settings, device, on_round=bar.update)
-                base = {"model": model_name, "length": prompt, "device": str(device), "threads": settings.threads,
-                        "batch": settings.batch, "padding": settings.padding, "machine": machine(device)}
+                base = {"model": model_name, "length": prompt, "device": str(device), "dtype": settings.dtype,
+                        "threads": settings.threads, "batch": settings.batch, "padding": settings.padding,
+                        "machine": machine(device)}
                 records.extend({**base, **record_of(p)} for p in points)
                 (out / "bench.json").write_text(json.dumps({"settings": asdict(settings), "records": records}, indent=1))
     records.sort(key=lambda r: (list(models).index(r["model"]), r["length"]))
