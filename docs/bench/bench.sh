@@ -31,3 +31,17 @@ kvpress-mm bench "models=[mid]" "lengths=[8192]" threads=1 output_dir=runs/bench
 python -m kvpress_mm.summarize_bench docs/bench runs/bench_j/bench.json runs/bench_k/bench.json \
   runs/bench_l/bench.json runs/bench_m/bench.json runs/bench_n/bench.json runs/bench_o/bench.json \
   runs/bench_p/bench.json --length 4200
+# ---- stop 15: the same AVX2 machine, nothing else running ----
+# the 4k targets re-checked after stop 14's CPU changes (same command as check_a)
+kvpress-mm bench "models=[mid]" "lengths=[4096]" threads=1 "budgets=[0.2]" \
+  "strategies=[h2o,look_m,avg_merge,pivot_merge,weighted_merge,text_prior_avg_merge,snapkv]" \
+  eager_reference=false output_dir=runs/check_b                                                     # 14 min
+# left-padded batches: 2 rows, the last one a quarter padding -> docs/bench/padded
+kvpress-mm bench "models=[tiny]" "lengths=[2048,4096]" threads=1 "budgets=[0.2]" batch=2 padding=0.25 \
+  "strategies=[h2o,look_m,text_prior_pivot_merge,snapkv,streaming_llm,tova]" output_dir=runs/bench_q  # 4 min
+python -m kvpress_mm.summarize_bench docs/bench/padded runs/bench_q/bench.json
+# one NVIDIA H200 (torch 2.11 + cu130, Triton 3.6): tests on the GPU, per-layer statistics, the bench with
+# device=cuda (tiny and mid float32 1k-8k, mid bfloat16 4k-8k, every strategy at 0.2) -> docs/bench/cuda
+bash docs/bench/device_check.sh                                                                     # 6 min
+python -m kvpress_mm.summarize_bench docs/bench/cuda runs/device/bench_cuda_tiny/bench.json \
+  runs/device/bench_cuda_mid/bench.json runs/device/bench_cuda_mid_bf16/bench.json --length 4200
