@@ -5,20 +5,28 @@ from __future__ import annotations
 import torch
 
 
+def kept_order(keep: torch.Tensor) -> torch.Tensor:
+    """Positions of bool keep [B, h, L] with the kept ones last, each group in original order: [B, h, L]."""
+    length = keep.shape[-1]
+    return (keep.long() * length + torch.arange(length, device=keep.device)).argsort(dim=-1)
+
+
+def index_from_order(order: torch.Tensor, counts: torch.Tensor, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`compact_index` from `kept_order`, the kept counts [B, h] and their maximum."""
+    index = order[..., order.shape[-1] - k_max :]
+    slot_valid = torch.arange(k_max, device=order.device) >= (k_max - counts)[..., None]
+    return index, slot_valid
+
+
 def compact_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept positions as gather indices, left-padded to the largest count.
 
     keep: bool [B, h, L]. Returns index [B, h, K] (kept positions ascending, preceded by distinct
     unkept filler positions where a (row, head) keeps fewer than K) and slot_valid [B, h, K].
     """
-    length = keep.shape[-1]
     counts = keep.sum(-1)
     k_max = int(counts.max()) if counts.numel() else 0
-    # kept positions sort after unkept ones, each group in original order
-    order_key = keep.long() * length + torch.arange(length, device=keep.device)
-    index = order_key.argsort(dim=-1)[..., length - k_max :]
-    slot_valid = torch.arange(k_max, device=keep.device) >= (k_max - counts)[..., None]
-    return index, slot_valid
+    return index_from_order(kept_order(keep), counts, k_max)
 
 
 def _flat_rows(index: torch.Tensor, b: int, heads: int, length: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache_ops import compact_index, gather_positions
+from .cache_ops import gather_positions, index_from_order, kept_order
 from .modality import Modality
 
 
@@ -111,15 +111,29 @@ def compacted_state(
 
     positions: [B, 1|Hkv, S] original index of the current slots; total: uncompressed length so far.
     """
-    index, slot_valid = compact_index(keep)
-    heads = index.shape[1]
-    if bool(slot_valid.all()):
+    # everything the layout depends on is read from the host in one sync (on a GPU each read waits for the
+    # queued kernels): the largest and smallest kept counts and, with several kv heads, whether the heads of
+    # each row keep as many and the last position where the heads' orders differ
+    length, heads = keep.shape[-1], keep.shape[1]
+    counts = keep.sum(-1)
+    order = kept_order(keep)
+    sizes = [counts.max(), counts.min()]
+    if heads > 1:
+        differs = (order != order[:, :1]).flatten(0, 1).any(0)
+        sizes += [(counts != counts[:, :1]).any().long(),
+                  torch.where(differs, torch.arange(length, device=keep.device), -1).max()]
+    k_max, k_min, *per_head = torch.stack(sizes).tolist()
+    index, slot_valid = index_from_order(order, counts, k_max)
+    every_full = k_min == k_max
+    rows_uniform = heads == 1 or not per_head[0]
+    heads_agree = heads == 1 or per_head[1] < length - k_max  # the heads' gather indices are the same
+    if every_full:
         slots = None
-    elif bool((slot_valid == slot_valid[:, :1]).all()):
+    elif rows_uniform:
         slots = slot_valid[:, :1]
     else:
         slots = slot_valid
-    if heads == 1 or bool((index == index[:, :1]).all()):
+    if heads_agree:
         labels = torch.gather(modality, 1, index[:, 0])
     else:
         # heads keep different positions: a slot's modality is not one label; keep only real vs padding

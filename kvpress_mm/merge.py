@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cache_ops import compact_index, gather_positions, put_positions
+from .cache_ops import gather_positions, index_from_order, kept_order, put_positions
 
 MERGE_MODES = ("none", "averaged", "pivotal", "weighted")
 MERGE_SCOPES = ("any", "same_modality")
@@ -72,16 +72,19 @@ def nearest_kept(
     match [B,H,E] (slot in kept_index, -1 where there is no match or no evicted token), similarity [B,H,E]).
     """
     b, h, length, d = keys.shape
-    kept_index, kept_valid = compact_index(keep)
-    evicted_index, evicted_valid = compact_index(evict)
-    n_kept, n_evicted = kept_index.shape[-1], evicted_index.shape[-1]
+    kept_counts, evicted_counts = keep.sum(-1), evict.sum(-1)
+    # the layout's sizes in one host read (on a GPU each read waits for the queued kernels)
+    n_kept, n_evicted, fewest_kept = torch.stack([kept_counts.max(), evicted_counts.max(), kept_counts.min()]).tolist()
+    kept_full = fewest_kept == n_kept
+    kept_index, kept_valid = index_from_order(kept_order(keep), kept_counts, n_kept)
+    evicted_index, evicted_valid = index_from_order(kept_order(evict), evicted_counts, n_evicted)
     match = torch.full((b, h, n_evicted), -1, dtype=torch.long, device=keys.device)
     similarity = torch.zeros((b, h, n_evicted), dtype=torch.float32, device=keys.device)
     if n_kept == 0 or n_evicted == 0:
         return kept_index, kept_valid, evicted_index, match, similarity
     states = keys.float()
     kept_unit_t = F.normalize(gather_positions(states, kept_index), dim=-1).transpose(-1, -2).contiguous()
-    blocked = None if bool(kept_valid.all()) else ~kept_valid[:, :, None, :]
+    blocked = None if kept_full else ~kept_valid[:, :, None, :]
     if labels is not None:
         labels_bh = labels[:, None, :].expand(b, h, -1)
         kept_labels = torch.gather(labels_bh, 2, kept_index)
@@ -128,9 +131,9 @@ def merge_evicted(
     b, h, length, d = keys.shape
     keep = keep.expand(b, h, length)
     evict = valid[:, None, :] & ~keep
-    if not bool(evict.any()):
-        return keys, values
     kept_index, _, evicted_index, match, similarity = nearest_kept(keys, keep, evict, labels)
+    if evicted_index.shape[-1] == 0:
+        return keys, values
     found = match >= 0
     weight = found.float()
     if mode == "weighted":

@@ -82,16 +82,19 @@ def keep_top(
     rank = scores if scores.dtype == torch.float64 else scores.float()
     rank = torch.nan_to_num(rank, nan=float("-inf"))
     rank = rank.masked_fill(~allowed, float("-inf"))
+    k_max = keep.max() if keep.numel() else keep.new_zeros(())
     if protect is not None:
         protect = (protect if protect.dim() == 3 else protect[:, None, :]) & allowed
         n_protected = protect.sum(-1)
-        if bool((n_protected > keep[:, None]).any()):
+        # one host read for the check and the count (on a GPU each read waits for the queued kernels)
+        too_many, k_max = torch.stack([(n_protected > keep[:, None]).any().long(), k_max.long()]).tolist()
+        if too_many:
             raise ValueError(
                 f"more protected tokens ({int(n_protected.max())}) than the layer keeps ({int(keep.min())}); "
                 "clip the protected windows to the budget"
             )
         rank = rank.masked_fill(protect, float("inf"))
-    k_max = int(keep.max()) if keep.numel() else 0
+    k_max = int(k_max)
     out = torch.zeros((b, h, length), dtype=torch.bool, device=scores.device)
     if k_max == 0:
         return out

@@ -189,18 +189,27 @@ class CompressionSession:
 
     def _modality_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._by_device:
-            self._by_device[device] = self.modality.to(device)
-        return self._by_device[device]
+            modality = self.modality.to(device)
+            valid = modality != int(Modality.PAD)
+            # (modality, valid, n_valid, every position real?): once per prompt and device, one host read
+            self._by_device[device] = (modality, valid, valid.sum(-1), bool(valid.all()))
+        return self._by_device[device][0]
+
+    def _valid_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(valid [B, L], n_valid [B], all real?) of the prompt, cached like the modality."""
+        self._modality_on(device)
+        return self._by_device[device][1:]
 
     def _keep_counts(self, idx: int, modality: torch.Tensor) -> torch.Tensor:
         if idx not in self._keep:
-            n_valid = (modality != int(Modality.PAD)).sum(-1)
-            self._keep[idx] = self.strategy.kept_counts(n_valid, idx, self.num_layers).to(modality.device)
-        return self._keep[idx]
+            _, n_valid, _ = self._valid_on(modality.device)
+            counts = self.strategy.kept_counts(n_valid, idx, self.num_layers).to(modality.device)
+            self._keep[idx] = (counts, bool((counts < n_valid).any()))
+        return self._keep[idx][0]
 
     def _evicts(self, idx: int, modality: torch.Tensor) -> bool:
-        n_valid = (modality != int(Modality.PAD)).sum(-1)
-        return bool((self._keep_counts(idx, modality) < n_valid).any())
+        self._keep_counts(idx, modality)
+        return self._keep[idx][1]
 
     def _is_prefill(self, query: torch.Tensor, key: torch.Tensor) -> bool:
         return (
@@ -234,8 +243,8 @@ class CompressionSession:
         return window_attention(query, key, scale, query.shape[2], allowed)
 
     def _prefill_with_stats(self, base, module, query, key, value, attention_mask, modality, kwargs):
-        valid = modality != int(Modality.PAD)
-        query_valid = None if bool(valid.all()) else valid
+        valid, _, all_valid = self._valid_on(modality.device)
+        query_valid = None if all_valid else valid
         scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
         if self.backend == "eager":
             output, probs = base(module, query, key, value, attention_mask, **kwargs)
@@ -336,13 +345,13 @@ class CompressionSession:
     def _compress_prefill(self, idx: int, layer, window, accumulated) -> None:
         keys, values = layer.keys, layer.values
         modality = self._modality_on(keys.device)
-        valid = modality != int(Modality.PAD)
+        valid, n_valid, all_valid = self._valid_on(keys.device)
         before = layer_bytes(keys, values)
         keep_count = self._keep_counts(idx, modality)
         track = accumulated if (self.decode_every and self.needs.accumulated) else None
         length = keys.shape[2]
         positions = torch.arange(length, device=keys.device).expand(keys.shape[0], 1, length)
-        slots = None if bool(valid.all()) else valid[:, None, :]
+        slots = None if all_valid else valid[:, None, :]
         state = LayerState(length, slots, modality, keep_count, positions, length, track)
         self.states[idx] = state
         self.kept[idx] = valid[:, None, :]
@@ -351,14 +360,14 @@ class CompressionSession:
             return
         view = self._view(idx, layer, modality, keep_count, window, accumulated)
         plan = self.strategy.plan(view)
-        self._check_plan(plan, view)
+        kept_share = (plan.keep & valid[:, None, :]).sum(-1).float() / n_valid[:, None].clamp(min=1)
+        kept_share = self._check_plan(plan, view, kept_share.mean())
         self.kept[idx] = plan.keep
         self.states[idx], index = compacted_state(plan.keep, modality, keep_count, positions, length, track)
         apply_index(layer, index, plan.keys, plan.values)
         self.compressed_any = True
-        kept = (plan.keep & valid[:, None, :]).sum(-1).float() / valid.sum(-1, keepdim=True).clamp(min=1)
         self.report.layers[idx] = LayerReport(
-            keys.shape[2], layer.keys.shape[2], before, layer_bytes(layer.keys, layer.values), float(kept.mean())
+            keys.shape[2], layer.keys.shape[2], before, layer_bytes(layer.keys, layer.values), kept_share
         )
 
     def _compress_decode(self, idx: int, layer) -> None:
@@ -385,7 +394,9 @@ class CompressionSession:
         apply_index(layer, index, plan.keys, plan.values)
         self.compressed_any = True
 
-    def _check_plan(self, plan: Plan, view: LayerKV) -> None:
+    def _check_plan(self, plan: Plan, view: LayerKV, extra: torch.Tensor | None = None) -> float | None:
+        """Raise on a malformed plan; returns `extra` (a 0-d tensor) as a float, read in the same host sync
+        as the checks (on a GPU each read waits for the queued kernels)."""
         name = type(self.strategy).__name__
         keep = plan.keep
         good_shape = keep.dim() == 3 and keep.shape in ((view.batch, 1, view.length), view.keys.shape[:3])
@@ -394,10 +405,15 @@ class CompressionSession:
                 f"{name}.plan returned keep of shape {tuple(keep.shape)} / {keep.dtype}; "
                 f"expected bool [{view.batch}, 1 or {view.kv_heads}, {view.length}]"
             )
-        if bool((keep & ~view.valid[:, None, :]).any()):
+        checks = [(keep & ~view.valid[:, None, :]).any(), ((keep.sum(-1) == 0) & (view.n_valid[:, None] > 0)).any()]
+        if extra is not None:
+            checks.append(extra)
+        values = torch.stack([c.float() for c in checks]).tolist()
+        if values[0]:
             raise ValueError(f"{name}.plan kept padding positions; keep only real tokens (layer.valid)")
-        if bool(((keep.sum(-1) == 0) & (view.n_valid[:, None] > 0)).any()):
+        if values[1]:
             raise ValueError(f"{name}.plan kept no token for some (row, head) of layer {view.layer_idx}")
+        return values[2] if extra is not None else None
         for what, states in (("keys", plan.keys), ("values", plan.values)):
             if states is not None and states.shape != view.keys.shape:
                 raise ValueError(f"{name}.plan returned {what} of shape {tuple(states.shape)}, expected {tuple(view.keys.shape)}")
