@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: the tiny-model tests on CUDA, the statistics kernels against sdpa, and `kvpress-mm bench`
 # on device=cuda, unchanged. Run from the repo root on a CUDA machine that has torch and Triton; results
-# go to $OUT (default runs/device).
+# go to $OUT (default runs/device). The step timeouts add up to under 10 minutes (one H200 run took 6.5).
 #
 # Wheels of what the machine lacks (the project, transformers 5.2x, hydra-core, omegaconf, ...) may be put
 # in .whl/ beforehand, e.g. on a machine without network access:
@@ -31,7 +31,7 @@ TEST_FILES=${TEST_FILES:-"tests/test_attention_stats_triton.py tests/test_genera
   tests/test_context.py tests/test_baselines.py tests/test_decode_phase.py tests/test_selection_rules.py
   tests/test_api_errors.py"}
 # shellcheck disable=SC2086
-timeout "${TEST_SECONDS:-200}" $PY -m pytest -q -rA -p no:cacheprovider --device cuda $TEST_FILES \
+timeout "${TEST_SECONDS:-150}" $PY -m pytest -q -rA -p no:cacheprovider --device cuda $TEST_FILES \
   > "$RESULTS/pytest.log" 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" "$RESULTS/pytest.log" | tail -n 40
 pack
@@ -42,7 +42,7 @@ fi
 
 # 2. one layer: statistics / sdpa, torch form and Triton kernels
 for dtype in float32 bfloat16; do
-  timeout "${STATS_SECONDS:-90}" $PY -m kvpress_mm.bench.stats_kernels --device cuda --dtype $dtype 2>&1 | tee "$RESULTS/stats_$dtype.md"
+  timeout "${STATS_SECONDS:-60}" $PY -m kvpress_mm.bench.stats_kernels --device cuda --dtype $dtype 2>&1 | tee "$RESULTS/stats_$dtype.md"
 done
 pack
 
@@ -56,6 +56,6 @@ bench() {  # name seconds overrides...
 }
 # STRATEGIES="[h2o,snapkv]" narrows every run (default: all registered strategies)
 STRATEGIES=${STRATEGIES:-"[]"}
-bench bench_cuda_tiny "${TINY_SECONDS:-110}" "models=[tiny]" "lengths=[1024,2048,4096,8192]" "budgets=[0.2]" "strategies=$STRATEGIES"
-bench bench_cuda_mid "${MID_SECONDS:-130}" "models=[mid]" "lengths=[1024,2048,4096,8192]" "budgets=[0.2]" "strategies=$STRATEGIES"
-bench bench_cuda_mid_bf16 "${BF16_SECONDS:-110}" "models=[mid]" "lengths=[4096,8192]" "budgets=[0.2]" dtype=bfloat16 "strategies=$STRATEGIES"
+bench bench_cuda_tiny "${TINY_SECONDS:-100}" "models=[tiny]" "lengths=[1024,2048,4096,8192]" "budgets=[0.2]" "strategies=$STRATEGIES"
+bench bench_cuda_mid "${MID_SECONDS:-120}" "models=[mid]" "lengths=[1024,2048,4096,8192]" "budgets=[0.2]" "strategies=$STRATEGIES"
+bench bench_cuda_mid_bf16 "${BF16_SECONDS:-90}" "models=[mid]" "lengths=[4096,8192]" "budgets=[0.2]" dtype=bfloat16 "strategies=$STRATEGIES"
