@@ -45,3 +45,7 @@ python -m kvpress_mm.summarize_bench docs/bench/padded runs/bench_q/bench.json
 bash docs/bench/device_check.sh                                                                     # 6 min
 python -m kvpress_mm.summarize_bench docs/bench/cuda runs/device/bench_cuda_tiny/bench.json \
   runs/device/bench_cuda_mid/bench.json runs/device/bench_cuda_mid_bf16/bench.json --length 4200
+# mini_llava at 8k (8233 tokens with its 4 images), the targets' strategies (42 min) -> merged into docs/bench
+kvpress-mm bench "models=[mini_llava]" "lengths=[8192]" threads=1 "budgets=[0.2]" \
+  "strategies=[h2o,look_m,text_prior_pivot_merge,snapkv,streaming_llm,tova]" output_dir=runs/bench_r
+python -m kvpress_mm.summarize_bench docs/bench docs/bench/bench.json runs/bench_r/bench.json --length 4200
