@@ -8,10 +8,10 @@ from omegaconf import OmegaConf
 
 import kvpress_mm
 from kvpress_mm.cli import select_target_option, split_command
-from kvpress_mm.cli_build import ConfigError, build_strategy, build_task, model_call
-from kvpress_mm.cli_config import CONFIG_MODULE, conf_dir, register_configs
-from kvpress_mm.cli_generate import GENERATOR_COMMAND, builtin_strategies, expected_files
-from kvpress_mm.cli_preflight import check_command_line
+from kvpress_mm.cli.build import ConfigError, build_strategy, build_task, model_call
+from kvpress_mm.cli.config import CONFIG_MODULE, conf_dir, register_configs
+from kvpress_mm.cli.generate import GENERATOR_COMMAND, builtin_strategies, expected_files
+from kvpress_mm.cli.preflight import check_command_line
 from kvpress_mm.eval import list_models, list_tasks
 
 

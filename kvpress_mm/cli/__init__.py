@@ -29,9 +29,9 @@ class Command:
 
 
 COMMANDS = {
-    "eval": Command("eval", "kvpress_mm.cli_run:run_eval", "evaluate a strategy against the full cache (default)"),
+    "eval": Command("eval", "kvpress_mm.cli.run:run_eval", "evaluate a strategy against the full cache (default)"),
     "bench": Command(
-        "bench", "kvpress_mm.cli_bench:run_bench", "prefill / decode / memory of every strategy vs plain sdpa",
+        "bench", "kvpress_mm.cli.bench:run_bench", "prefill / decode / memory of every strategy vs plain sdpa",
         preflight=False,
     ),
 }
@@ -83,8 +83,8 @@ def select_target_option(argv: list[str]) -> tuple[list[str], str | None]:
 def _prepare(command: Command, argv: list[str], target: str | None) -> None:
     from hydra._internal.utils import get_args_parser
 
-    from .cli_config import register_configs
-    from .cli_preflight import check_command_line
+    from .config import register_configs
+    from .preflight import check_command_line
 
     register_configs(target=target)
     args, _ = get_args_parser().parse_known_args(argv)
@@ -118,6 +118,3 @@ def _fail(err: Exception) -> None:
     print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
-
-if __name__ == "__main__":
-    main()

@@ -16,8 +16,8 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from .cli_build import ConfigError, build_strategy, build_task, model_call
-from .cli_config import CONFIG_MODULE
+from .build import ConfigError, build_strategy, build_task, model_call
+from .config import CONFIG_MODULE
 
 # command-line overrides of Hydra itself (launcher, sweep dir, ...): Hydra checks those on its own;
 # hydra.searchpath stays (it decides which model / strategy / task configs exist)

@@ -12,8 +12,8 @@ import re
 
 from omegaconf import DictConfig, OmegaConf
 
-from .cli_schema import init_fields
-from .registry import list_strategies, strategy_class
+from .schema import init_fields
+from ..registry import list_strategies, strategy_class
 
 
 class ConfigError(ValueError):
@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 def import_strategy_class(target: str) -> type:
     """The class at import path `target` ("package.module.Class"), checked to be a strategy dataclass."""
-    from .strategy import EvictionStrategy
+    from ..strategy import EvictionStrategy
 
     module_name, _, attr = str(target).rpartition(".")
     try:

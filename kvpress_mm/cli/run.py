@@ -13,8 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .cli_build import ConfigError, build_strategy, build_task, model_call
-from .results import comparison_table, run_record, write_json
+from .build import ConfigError, build_strategy, build_task, model_call
+from ..results import comparison_table, run_record, write_json
 
 
 def run_eval(cfg: DictConfig) -> dict:

@@ -28,7 +28,7 @@ class SweepResults(Callback):
         self._started = time.time() - 1.0
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from .results import collect, markdown_table, table_rows, write_sweep_summary
+        from ..results import collect, markdown_table, table_rows, write_sweep_summary
 
         sweep_dir = config.hydra.sweep.dir
         result_file = config.get("result_file", "result.json")

@@ -1,0 +1,5 @@
+"""`python -m kvpress_mm.cli ...`: the same as the `kvpress-mm` console script."""
+
+from . import main
+
+main()
