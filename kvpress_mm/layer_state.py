@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
@@ -90,6 +91,17 @@ class LayerState:
         b, heads = self.positions.shape[:2]
         new = torch.arange(self.total, self.total + n_new, device=self.positions.device)
         return torch.cat([self.positions, new.expand(b, heads, n_new)], dim=-1)
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "LayerState":
+        """The same layout with `fn` applied along the batch dimension (repeat, select, reorder rows)."""
+        return replace(
+            self,
+            slots=None if self.slots is None else fn(self.slots),
+            modality=fn(self.modality),
+            cap=fn(self.cap),
+            positions=fn(self.positions),
+            scores=None if self.scores is None else fn(self.scores),
+        )
 
     def add_scores(self, probs: torch.Tensor) -> None:
         """Accumulate [B, H, q, S] decode-query probabilities into the per-slot scores."""

@@ -110,7 +110,7 @@ def test_padded_batch_statistics_take_the_one_pass_path_where_the_mask_allows(fa
     """Causal + left padding is applied inside the one-pass attention (CPU); Gemma3's masks (bidirectional
     image blocks) are not that form and keep the model's own kernel + the masked statistics pass, as every
     model does on CUDA. test_batch_rows_equal_single_rows checks the numbers of both paths."""
-    from kvpress_mm import session as session_module
+    from kvpress_mm import statistics as session_module
 
     calls = []
     original = session_module.attention_with_accumulated
