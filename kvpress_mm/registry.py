@@ -1,12 +1,16 @@
-"""Strategy registry: built-ins, presets, and third-party plugins (entry point group kvpress_mm.strategies)."""
+"""Strategy registry: built-ins, presets, and third-party plugins (entry point group kvpress_mm.strategies).
+
+The built-ins are every module of kvpress_mm.strategies (the strategies/ folder), imported with the plugins on
+the first lookup (kvpress_mm.registry_base.Registry: thread-safe; a plugin that fails to load is skipped with a
+PluginLoadWarning).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+
+from .registry_base import Registry
 
 ENTRY_POINT_GROUP = "kvpress_mm.strategies"
 
@@ -18,8 +22,24 @@ class _Entry:
     description: str = ""
 
 
-_REGISTRY: dict[str, _Entry] = {}
-_loaded = False
+def _on_entry_point(name: str, obj: object) -> None:
+    # a plugin module may register itself on import; a class entry point is registered under its name
+    if isinstance(obj, type) and name not in STRATEGIES.entries:
+        _add(name, obj, {})
+
+
+# the built-in strategies (every module of kvpress_mm.strategies) and the installed plugins, loaded on first use
+STRATEGIES: Registry[_Entry] = Registry(
+    "strategy",
+    listing="registered strategies",
+    builtins="kvpress_mm.strategies",
+    entry_point_group=ENTRY_POINT_GROUP,
+    on_entry_point=_on_entry_point,
+    same=lambda old, new: old.cls is new.cls and old.defaults == new.defaults,
+    describe=lambda entry: entry.cls.__qualname__,
+)
+_REGISTRY = STRATEGIES.entries  # the same dict, for old callers
+_load = STRATEGIES.load
 
 
 def register_strategy(name: str, **defaults):
@@ -44,10 +64,7 @@ def _add(name: str, cls: type, defaults: dict, description: str = "") -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"strategy name must be a non-empty string, got {name!r}")
     _check_fields(name, cls, defaults)
-    existing = _REGISTRY.get(name)
-    if existing is not None and (existing.cls is not cls or existing.defaults != defaults):
-        raise ValueError(f"strategy name {name!r} is already registered to {existing.cls.__qualname__}")
-    _REGISTRY[name] = _Entry(cls, dict(defaults), description)
+    STRATEGIES.register(name, _Entry(cls, dict(defaults), description))
 
 
 def _check_fields(name: str, cls: type, fields: dict) -> None:
@@ -59,35 +76,14 @@ def _check_fields(name: str, cls: type, fields: dict) -> None:
         )
 
 
-def _load() -> None:
-    """Import the built-in strategies and the installed plugins once."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import kvpress_mm.strategies as builtin
-
-    for module in pkgutil.iter_modules(builtin.__path__):
-        importlib.import_module(f"{builtin.__name__}.{module.name}")
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        obj = ep.load()
-        # a plugin module may register itself on import; a class entry point is registered under ep.name
-        if isinstance(obj, type) and ep.name not in _REGISTRY:
-            _add(ep.name, obj, {})
-
-
 def list_strategies() -> list[str]:
     """Names accepted by get_strategy, built-ins, presets and plugins."""
-    _load()
-    return sorted(_REGISTRY)
+    return STRATEGIES.names()
 
 
 def strategy_class(name: str) -> tuple[type, dict]:
     """(class, preset defaults) registered under `name`."""
-    _load()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown strategy {name!r}; registered strategies: {', '.join(sorted(_REGISTRY))}")
-    entry = _REGISTRY[name]
+    entry = STRATEGIES.get(name)  # ValueError: unknown strategy 'x'; registered strategies: ...
     return entry.cls, dict(entry.defaults)
 
 

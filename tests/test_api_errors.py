@@ -6,13 +6,15 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import kvpress_mm
+from kvpress_mm.adapters import adapter_for
 from kvpress_mm.budget import kept_counts
-from kvpress_mm.testing import build_tiny
+from kvpress_mm.testing import TINY_FAMILIES, build_tiny
 
 from helpers import generate, rows_for, tiny
 
@@ -128,7 +130,10 @@ def test_unsupported_model_names_supported_families():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="gpt2") as err:
         kvpress_mm.get_strategy("h2o", budget=0.5)(model)
-    for family in ("llava", "qwen2_vl", "gemma3", "idefics3", "internvl", "llama"):
+    # every family: the adapter of each tiny model family (llava, qwen2_vl, gemma3, idefics3, internvl, llama, ...)
+    families = {adapter_for(SimpleNamespace(config=SimpleNamespace(model_type=f))).family for f in TINY_FAMILIES}
+    assert families == set(kvpress_mm.supported_families())
+    for family in families:
         assert family in str(err.value)
 
 

@@ -12,31 +12,36 @@ e.g. rows = [[("text", 5), ("image",), ("text", 7)], [("image",), ("text", 3)]]
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from ..registry_base import Registry
+
 Row = list[tuple]
 
-# family name -> module that registers its builder with @tiny_builder
-_FAMILY_MODULES = {
-    "llama": "kvpress_mm.testing.tiny_text",
-    "qwen2": "kvpress_mm.testing.tiny_text",
-    "llava": "kvpress_mm.testing.tiny_llava",
-    "llava_next": "kvpress_mm.testing.tiny_llava",
-    "llava_onevision": "kvpress_mm.testing.tiny_llava",
-    "internvl": "kvpress_mm.testing.tiny_internvl",
-    "qwen2_vl": "kvpress_mm.testing.tiny_qwen_vl",
-    "qwen2_5_vl": "kvpress_mm.testing.tiny_qwen_vl",
-    "gemma3": "kvpress_mm.testing.tiny_gemma3",
-    "idefics3": "kvpress_mm.testing.tiny_idefics3",
-    "smolvlm": "kvpress_mm.testing.tiny_idefics3",
-}
-TINY_FAMILIES = tuple(_FAMILY_MODULES)
+# family name -> builder(dtype=, seed=) -> TinyModel; every module of kvpress_mm.testing is imported on first
+# use and registers its families with @tiny_builder, so a new family is a new module there
+BUILDERS: Registry[Callable[..., "TinyModel"]] = Registry(
+    "tiny model family",
+    listing="known",
+    builtins="kvpress_mm.testing",
+    # a re-imported module (same qualified name) replaces its builder
+    same=lambda old, new: old is new or (old.__module__, old.__qualname__) == (new.__module__, new.__qualname__),
+)
 
-_BUILDERS: dict[str, Callable[..., "TinyModel"]] = {}
+
+def tiny_families() -> tuple[str, ...]:
+    """The families build_tiny knows, sorted (also the module constant TINY_FAMILIES)."""
+    return tuple(BUILDERS.names())
+
+
+def __getattr__(name: str):
+    # TINY_FAMILIES is computed on first use, after the builder modules were discovered (they import this one)
+    if name == "TINY_FAMILIES":
+        return tiny_families()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -56,7 +61,7 @@ def tiny_builder(family: str):
     """Class-free registration decorator used by the family modules."""
 
     def register(fn):
-        _BUILDERS[family] = fn
+        BUILDERS.register(family, fn)
         return fn
 
     return register
@@ -68,10 +73,8 @@ def build_tiny(
     """Build the tiny random-weight model of `family` (see TINY_FAMILIES) on `device`.
 
     Weights and inputs are drawn on the CPU (the same numbers on every device), then moved."""
-    if family not in _FAMILY_MODULES:
-        raise ValueError(f"unknown tiny model family {family!r}; known: {', '.join(TINY_FAMILIES)}")
-    importlib.import_module(_FAMILY_MODULES[family])
-    tiny = _BUILDERS[family](dtype=dtype, seed=seed)
+    builder = BUILDERS.get(family)  # ValueError: unknown tiny model family 'x'; known: ...
+    tiny = builder(dtype=dtype, seed=seed)
     device = torch.device(device)
     if device.type != "cpu":
         tiny.model.to(device)

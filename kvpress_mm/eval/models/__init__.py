@@ -11,20 +11,37 @@ import functools
 import inspect
 from typing import Callable
 
-from kvpress_mm.testing import TINY_FAMILIES
-
+from ...registry_base import Registry
 from .bundle import ModelBundle, resolve_dtype
 from .hub import load_hub_bundle
 from .mini_llava import load_mini_llava_bundle
 from .tiny import load_tiny_bundle
 
-_LOADERS: dict[str, Callable[..., ModelBundle]] = {"mini_llava": load_mini_llava_bundle, "hub": load_hub_bundle}
-for _family in TINY_FAMILIES:
-    _LOADERS[f"tiny_{_family}"] = functools.partial(load_tiny_bundle, _family)
+
+def _builtin_loaders() -> None:
+    from kvpress_mm.testing import tiny_families
+
+    MODELS.register("mini_llava", load_mini_llava_bundle)
+    MODELS.register("hub", load_hub_bundle)
+    for family in tiny_families():  # one per tiny builder, found when first asked for
+        MODELS.register(f"tiny_{family}", functools.partial(load_tiny_bundle, family))
+
+
+MODELS: Registry[Callable[..., ModelBundle]] = Registry(
+    "model",
+    listing="available models",
+    loader=_builtin_loaders,
+    # functools.partial has no __eq__: the same tiny family's loader again is the same registration
+    same=lambda old, new: old is new or (
+        isinstance(old, functools.partial) and isinstance(new, functools.partial)
+        and (old.func, old.args, old.keywords) == (new.func, new.args, new.keywords)
+    ),
+)
+_LOADERS = MODELS.entries  # the same dict, for old callers
 
 
 def list_models() -> list[str]:
-    return sorted(_LOADERS)
+    return MODELS.names()
 
 
 def model_options(name: str) -> list[str]:
@@ -35,9 +52,7 @@ def model_options(name: str) -> list[str]:
 
 
 def _loader(name: str) -> Callable[..., ModelBundle]:
-    if name not in _LOADERS:
-        raise ValueError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
-    return _LOADERS[name]
+    return MODELS.get(name)  # ValueError: unknown model 'x'; available models: ...
 
 
 def load_model(name: str, **options) -> ModelBundle:

@@ -1,12 +1,23 @@
-"""Task registry: `get_task(name, **fields)`, `list_tasks()`, `@register_task(name)`."""
+"""Task registry: `get_task(name, **fields)`, `list_tasks()`, `@register_task(name)`.
+
+The built-in tasks are the @register_task classes of this package's modules, all imported on first use.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
+from ...registry_base import Registry
 from .base import MODES, Task, contains_number
 
-_TASKS: dict[str, type[Task]] = {}
+TASKS: Registry[type[Task]] = Registry(
+    "task",
+    listing="available tasks",
+    builtins="kvpress_mm.eval.tasks",
+    # a re-imported module (same qualified name) replaces its class
+    same=lambda old, new: old is new or old.__qualname__ == new.__qualname__,
+)
+_TASKS = TASKS.entries  # the same dict, for old callers
 
 
 def register_task(name: str):
@@ -17,18 +28,15 @@ def register_task(name: str):
             raise TypeError(f"register_task({name!r}) expects a Task dataclass, got {cls!r}")
         if cls.mode not in MODES:
             raise ValueError(f"task {name!r}: mode must be one of {MODES}, got {cls.mode!r}")
-        existing = _TASKS.get(name)
-        if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
-            raise ValueError(f"task name {name!r} is already registered to {existing.__qualname__}")
+        TASKS.register(name, cls)  # ValueError: task name 'x' is already registered to OtherTask
         cls.name = name
-        _TASKS[name] = cls
         return cls
 
     return decorator
 
 
 def list_tasks() -> list[str]:
-    return sorted(_TASKS)
+    return TASKS.names()
 
 
 def task_fields(name: str) -> list[str]:
@@ -36,9 +44,7 @@ def task_fields(name: str) -> list[str]:
 
 
 def _task_class(name: str) -> type[Task]:
-    if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; available tasks: {', '.join(list_tasks())}")
-    return _TASKS[name]
+    return TASKS.get(name)  # ValueError: unknown task 'x'; available tasks: ...
 
 
 def get_task(name: str, **fields) -> Task:
@@ -50,8 +56,5 @@ def get_task(name: str, **fields) -> Task:
         raise ValueError(f"task {name!r} has no field(s) {', '.join(unknown)}; its fields are: {', '.join(known)}")
     return cls(**fields)
 
-
-# the built-in tasks register themselves on import
-from . import fidelity, image_counting, image_in_text, image_lookup, image_needle, multi_fact, text_needle  # noqa: E402,F401
 
 __all__ = ["Task", "contains_number", "get_task", "list_tasks", "register_task", "task_fields"]
