@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
-
 import torch
+
+from .validate import check_fraction, check_int
 
 # float rounding guard: 0.29 * 100 must give 29, not 28
 _EPS = 1e-6
 
 
 def validate_budget(budget, budget_tokens, owner: str = "strategy") -> None:
-    """Raise ValueError naming the bad value and the allowed range."""
-    if isinstance(budget, bool) or not isinstance(budget, Real) or math.isnan(float(budget)):
-        raise ValueError(f"{owner}: budget must be a number in (0, 1], got {budget!r}")
-    if not 0.0 < float(budget) <= 1.0:
-        raise ValueError(f"{owner}: budget must be in (0, 1] (fraction of prompt tokens kept), got {budget!r}")
-    if budget_tokens is None:
-        return
-    if isinstance(budget_tokens, bool) or not isinstance(budget_tokens, Integral):
-        raise ValueError(f"{owner}: budget_tokens must be an integer >= 1 or None, got {budget_tokens!r}")
-    if budget_tokens < 1:
-        raise ValueError(f"{owner}: budget_tokens must be an integer >= 1 or None, got {budget_tokens!r}")
-    if float(budget) != 1.0:
+    """Raise ValueError naming the bad value and the allowed range (FieldTypeError for a wrong type)."""
+    check_fraction(owner, "budget", budget, low_open=True, hint="fraction of prompt tokens kept")
+    check_int(owner, "budget_tokens", budget_tokens, minimum=1, allow_none=True)
+    if budget_tokens is not None and float(budget) != 1.0:
         raise ValueError(
             f"{owner}: budget={budget!r} and budget_tokens={budget_tokens!r} contradict each other; "
             "set either a fraction (budget in (0, 1]) or an absolute count (budget_tokens >= 1, with budget=1.0)"

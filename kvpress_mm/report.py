@@ -20,9 +20,16 @@ class CacheSize:
 
 
 def cache_size(cache) -> CacheSize:
-    """Size of a transformers Cache (e.g. the DynamicCache returned by generate)."""
+    """Size of a transformers Cache (e.g. the DynamicCache returned by generate).
+
+    TypeError naming what was passed when `cache` is not one (None, a legacy tuple of (key, value)
+    tuples, the generate output that holds the cache, ...).
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None or isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise TypeError(f"cache_size: expected a transformers Cache, {_cache_hint(cache)}")
     tokens, total = [], 0
-    for layer in cache.layers:
+    for layer in layers:
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
         if keys is None or keys.numel() == 0:
             tokens.append(0)
@@ -30,6 +37,23 @@ def cache_size(cache) -> CacheSize:
         tokens.append(int(keys.shape[-2]))
         total += layer_bytes(keys, values)
     return CacheSize(tokens, total)
+
+
+def _cache_hint(cache) -> str:
+    """What was passed instead of a Cache, and what is accepted."""
+    accepted = ("a Cache with per-layer .layers, e.g. a DynamicCache such as "
+                "model.generate(..., return_dict_in_generate=True).past_key_values")
+    if cache is None:
+        got = "got None"
+    elif isinstance(cache, (int, float, str)):
+        got = f"got {type(cache).__name__} {cache!r}"
+    else:
+        got = f"got {type(cache).__name__}"
+    if getattr(cache, "past_key_values", None) is not None:
+        return f"{got}, which holds one: pass its .past_key_values ({accepted})"
+    if isinstance(cache, (tuple, list)):
+        return f"{got} (the legacy tuple-of-(key, value) format is not accepted; pass {accepted})"
+    return f"{got}; pass {accepted}"
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import dataclasses
+from abc import ABC, ABCMeta, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -10,13 +11,35 @@ import torch
 
 from .budget import kept_counts, validate_budget
 from .layer import AttentionNeeds, LayerKV, Plan
+from .validate import check_choice, check_int, warn_ignored
 
 
 PHASES = ("prefill", "decode", "both")
 
+# instance-dict flags: construction has finished / __post_init__ is being re-run for an assignment
+_READY = "_kvpress_mm_ready"
+_REVALIDATING = "_kvpress_mm_revalidating"
+_FIELD_NAMES: dict[type, frozenset] = {}
+
+
+class _StrategyMeta(ABCMeta):
+    """Marks a strategy ready for validated assignment once its __init__ and __post_init__ have run."""
+
+    def __call__(cls, *args, **kwargs):
+        obj = super().__call__(*args, **kwargs)
+        obj.__dict__[_READY] = True
+        return obj
+
+
+def _field_names(cls: type) -> frozenset:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls))
+    return names
+
 
 @dataclass
-class EvictionStrategy(ABC):
+class EvictionStrategy(ABC, metaclass=_StrategyMeta):
     """Base of every strategy.
 
     budget: fraction of each row's prompt tokens a layer keeps, in (0, 1].
@@ -24,6 +47,12 @@ class EvictionStrategy(ABC):
 
     Subclasses implement `plan(layer)`; `needs()` declares the attention statistics they read.
     Use as `with strategy(model): model.generate(...)`.
+
+    Fields are validated in `__post_init__` (subclasses extend it, calling super().__post_init__()
+    first), at construction and again after every later assignment of a field: `strategy.budget = 0.3`
+    re-runs `__post_init__` on the new value, and when it raises, every attribute is put back as it was
+    and the error propagates. So `__post_init__` must only check fields and (re)build derived state
+    from them, which is what AdaKV's inner scorer is; a field it ignores is reported by a UserWarning.
     """
 
     budget: float = 1.0
@@ -36,6 +65,25 @@ class EvictionStrategy(ABC):
 
     def __post_init__(self):
         validate_budget(self.budget, self.budget_tokens, owner=type(self).__name__)
+
+    def __setattr__(self, name, value):
+        state = self.__dict__
+        if not state.get(_READY) or state.get(_REVALIDATING) or name not in _field_names(type(self)):
+            # during construction (dataclass __init__ sets fields one by one), inside the re-validation,
+            # or a non-field attribute: a plain assignment
+            super().__setattr__(name, value)
+            return
+        saved = dict(state)
+        super().__setattr__(name, value)
+        state[_REVALIDATING] = True
+        try:
+            self.__post_init__()  # the other fields' current values take part (budget vs budget_tokens)
+        except BaseException:
+            state.clear()
+            state.update(saved)
+            raise
+        finally:
+            state.pop(_REVALIDATING, None)
 
     def needs(self) -> AttentionNeeds:
         """Attention statistics this strategy reads from the LayerKV (none by default)."""
@@ -82,11 +130,10 @@ class DecodePhaseMixin:
 
     def _check_phase(self) -> None:
         name = type(self).__name__
-        if self.phase not in PHASES:
-            raise ValueError(f"{name}: phase must be one of {', '.join(PHASES)}; got {self.phase!r}")
-        every = self.compress_every
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"{name}: compress_every must be an integer >= 1, got {every!r}")
+        check_choice(name, "phase", self.phase, PHASES)
+        check_int(name, "compress_every", self.compress_every, minimum=1)
+        if self.phase == "prefill" and self.compress_every != 1:
+            warn_ignored(name, "compress_every", self.compress_every, 'it applies to phase="decode" or "both" only')
 
     def compress_prefill(self) -> bool:
         return self.phase in ("prefill", "both")

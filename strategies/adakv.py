@@ -8,9 +8,20 @@ from typing import ClassVar
 import torch
 
 from kvpress_mm.layer import AttentionNeeds, LayerKV, Plan
-from kvpress_mm.registry import get_strategy, register_strategy
+from kvpress_mm.registry import get_strategy, list_strategies, register_strategy
 from kvpress_mm.selection import as_row_counts
 from kvpress_mm.strategy import EvictionStrategy
+from kvpress_mm.validate import FieldTypeError, check_choice, check_fraction, check_mapping, check_str, warn_ignored
+
+# inner strategy fields AdaKV never uses: it reads the inner strategy's scores() and promised() only
+_IGNORED_INNER_FIELDS = {
+    "phase": "AdaKV compresses at the end of prefill only",
+    "compress_every": "AdaKV compresses at the end of prefill only",
+    "merge": "AdaKV selects with the inner strategy's scores and merges nothing",
+    "merge_scope": "AdaKV selects with the inner strategy's scores and merges nothing",
+    "text_prior": "AdaKV ranks by the inner strategy's scores(), which text_prior does not change",
+    "text_prior_mode": "AdaKV ranks by the inner strategy's scores(), which text_prior does not change",
+}
 
 
 @register_strategy("adakv")
@@ -34,15 +45,31 @@ class AdaKV(EvictionStrategy):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 <= float(self.alpha_safeguard) <= 1.0:
-            raise ValueError(f"AdaKV: alpha_safeguard must be in [0, 1], got {self.alpha_safeguard!r}")
+        owner = type(self).__name__
+        check_fraction(owner, "alpha_safeguard", self.alpha_safeguard)
+        check_str(owner, "inner", self.inner, what="the name of a registered scoring strategy")
         if self.inner == "adakv":
-            raise ValueError("AdaKV: inner must be a scoring strategy, not adakv itself")
-        self._scorer = get_strategy(
-            self.inner, budget=self.budget, budget_tokens=self.budget_tokens, **dict(self.inner_fields)
-        )
+            raise ValueError(f"{owner}: inner must be a scoring strategy, not adakv itself")
+        check_choice(owner, "inner", self.inner, [n for n in list_strategies() if n != "adakv"])
+        check_mapping(owner, "inner_fields", self.inner_fields)
+        own = sorted(set(self.inner_fields) & {"budget", "budget_tokens"})
+        if own:
+            raise ValueError(
+                f"{owner}: inner_fields must not set {', '.join(own)} (got {dict(self.inner_fields)!r}); "
+                "the inner strategy takes AdaKV's own budget and budget_tokens"
+            )
+        for name in sorted(set(self.inner_fields) & set(_IGNORED_INNER_FIELDS)):
+            warn_ignored(owner, f"inner_fields[{name!r}]", self.inner_fields[name], _IGNORED_INNER_FIELDS[name])
+        # rebuilt on every validation, so that a later assignment (strategy.budget = 0.3) reaches it too
+        try:
+            self._scorer = get_strategy(
+                self.inner, budget=self.budget, budget_tokens=self.budget_tokens, **dict(self.inner_fields)
+            )
+        except ValueError as err:  # an unknown or bad inner field: say it is inner_fields' (same type)
+            kind = FieldTypeError if isinstance(err, TypeError) else ValueError
+            raise kind(f"{owner}: inner_fields must be valid fields of {self.inner}: {err}") from None
         if not callable(getattr(self._scorer, "scores", None)):
-            raise ValueError(f"AdaKV: inner strategy {self.inner!r} has no scores(layer) to allocate budgets by")
+            raise ValueError(f"{owner}: inner strategy {self.inner!r} has no scores(layer) to allocate budgets by")
 
     def needs(self) -> AttentionNeeds:
         return self._scorer.needs()

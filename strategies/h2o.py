@@ -10,6 +10,7 @@ from kvpress_mm.layer import AttentionNeeds, LayerKV, Plan
 from kvpress_mm.registry import register_strategy
 from kvpress_mm.selection import keep_top, last_tokens, per_kv_head
 from kvpress_mm.strategy import DecodePhaseMixin, EvictionStrategy
+from kvpress_mm.validate import check_fraction
 
 
 @register_strategy("h2o")
@@ -28,8 +29,7 @@ class H2O(DecodePhaseMixin, EvictionStrategy):
     def __post_init__(self):
         super().__post_init__()
         self._check_phase()
-        if not 0.0 <= float(self.recent_share) <= 1.0:
-            raise ValueError(f"H2O: recent_share must be in [0, 1], got {self.recent_share!r}")
+        check_fraction(type(self).__name__, "recent_share", self.recent_share)
 
     def needs(self) -> AttentionNeeds:
         return AttentionNeeds(accumulated=True)

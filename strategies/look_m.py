@@ -19,6 +19,7 @@ from kvpress_mm.modality import Modality
 from kvpress_mm.registry import register_preset, register_strategy
 from kvpress_mm.selection import first_tokens, keep_top, last_tokens, per_kv_head, tiered
 from kvpress_mm.strategy import EvictionStrategy
+from kvpress_mm.validate import check_bool, check_choice, check_fraction, check_int, warn_ignored
 
 TEXT_PRIOR_MODES = ("strict_budget", "keep_all_text")
 SCORES = ("sum", "mean")
@@ -51,16 +52,18 @@ class LookM(EvictionStrategy):
 
     def __post_init__(self):
         super().__post_init__()
-        _one_of("merge", self.merge, MERGE_MODES)
-        _one_of("merge_scope", self.merge_scope, MERGE_SCOPES)
-        _one_of("text_prior_mode", self.text_prior_mode, TEXT_PRIOR_MODES)
-        _one_of("score", self.score, SCORES)
-        if not isinstance(self.text_prior, bool):
-            raise ValueError(f"LookM: text_prior must be true or false, got {self.text_prior!r}")
-        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
-            raise ValueError(f"LookM: sinks must be an integer >= 0, got {self.sinks!r}")
-        if not 0.0 <= float(self.recent_share) <= 1.0:
-            raise ValueError(f"LookM: recent_share must be in [0, 1], got {self.recent_share!r}")
+        owner = type(self).__name__
+        check_choice(owner, "merge", self.merge, MERGE_MODES)
+        check_choice(owner, "merge_scope", self.merge_scope, MERGE_SCOPES)
+        check_choice(owner, "text_prior_mode", self.text_prior_mode, TEXT_PRIOR_MODES)
+        check_choice(owner, "score", self.score, SCORES)
+        check_bool(owner, "text_prior", self.text_prior)
+        check_int(owner, "sinks", self.sinks, minimum=0)
+        check_fraction(owner, "recent_share", self.recent_share)
+        if not self.text_prior and self.text_prior_mode != "strict_budget":
+            warn_ignored(owner, "text_prior_mode", self.text_prior_mode, "it applies with text_prior=True only")
+        if self.merge == "none" and self.merge_scope != "any":
+            warn_ignored(owner, "merge_scope", self.merge_scope, 'merge="none" merges nothing')
 
     @property
     def exact_budget(self) -> bool:
@@ -98,11 +101,6 @@ class LookM(EvictionStrategy):
         labels = layer.modality if self.merge_scope == "same_modality" else None
         keys, values = merge_evicted(layer.keys, layer.values, keep, layer.valid, self.merge, labels)
         return Plan(keep=keep, keys=keys, values=values)
-
-
-def _one_of(field: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"LookM: {field} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 # The released code's --kv_mode names (origin = "full", h2o / snapkv = the baselines of the same names).

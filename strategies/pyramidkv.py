@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpress_mm.registry import register_strategy
+from kvpress_mm.validate import check_int
 
 from .snapkv import SnapKV
 
@@ -26,8 +27,7 @@ class PyramidKV(SnapKV):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.beta, bool) or not isinstance(self.beta, int) or self.beta < 1:
-            raise ValueError(f"PyramidKV: beta must be an integer >= 1, got {self.beta!r}")
+        check_int(type(self).__name__, "beta", self.beta, minimum=1)
 
     def layer_budgets(self, n_valid: torch.Tensor, num_layers: int) -> torch.Tensor:
         """[num_layers, batch] tokens kept per layer and row."""

@@ -10,6 +10,9 @@ from kvpress_mm.layer import AttentionNeeds, LayerKV, Plan
 from kvpress_mm.registry import register_strategy
 from kvpress_mm.selection import keep_top, last_tokens, per_kv_head, pool_scores
 from kvpress_mm.strategy import EvictionStrategy
+from kvpress_mm.validate import check_choice, check_int, warn_ignored
+
+POOLINGS = ("avg", "max")
 
 
 @register_strategy("snapkv")
@@ -30,12 +33,12 @@ class SnapKV(EvictionStrategy):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.window_size, bool) or not isinstance(self.window_size, int) or self.window_size < 1:
-            raise ValueError(f"SnapKV: window_size must be an integer >= 1, got {self.window_size!r}")
-        if isinstance(self.kernel_size, bool) or not isinstance(self.kernel_size, int) or self.kernel_size < 1:
-            raise ValueError(f"SnapKV: kernel_size must be an integer >= 1, got {self.kernel_size!r}")
-        if self.pooling not in ("avg", "max"):
-            raise ValueError(f"SnapKV: pooling must be 'avg' or 'max', got {self.pooling!r}")
+        owner = type(self).__name__
+        check_int(owner, "window_size", self.window_size, minimum=1)
+        check_int(owner, "kernel_size", self.kernel_size, minimum=1)
+        check_choice(owner, "pooling", self.pooling, POOLINGS)
+        if self.kernel_size == 1 and self.pooling != "avg":
+            warn_ignored(owner, "pooling", self.pooling, "kernel_size=1 pools nothing")
 
     def needs(self) -> AttentionNeeds:
         return AttentionNeeds(window=self.window_size)

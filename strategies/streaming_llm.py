@@ -10,6 +10,7 @@ from kvpress_mm.layer import LayerKV, Plan
 from kvpress_mm.registry import register_strategy
 from kvpress_mm.selection import first_tokens, last_tokens
 from kvpress_mm.strategy import DecodePhaseMixin, EvictionStrategy
+from kvpress_mm.validate import check_int
 
 
 @register_strategy("streaming_llm")
@@ -28,8 +29,7 @@ class StreamingLLM(DecodePhaseMixin, EvictionStrategy):
     def __post_init__(self):
         super().__post_init__()
         self._check_phase()
-        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
-            raise ValueError(f"StreamingLLM: sinks must be an integer >= 0, got {self.sinks!r}")
+        check_int(type(self).__name__, "sinks", self.sinks, minimum=0)
 
     def promised(self, layer: LayerKV) -> torch.Tensor:
         sinks = torch.clamp(layer.keep_count, max=self.sinks)

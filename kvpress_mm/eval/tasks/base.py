@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ...validate import check_fraction, check_int
 from ..sample import Sample
 
 # how the runner evaluates a task: "generate" (free greedy generation scored by `score`) or
@@ -31,13 +32,10 @@ class Task:
         self._check_int("max_new_tokens", 1)
 
     def _check_int(self, field: str, low: int) -> None:
-        value = getattr(self, field)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{type(self).__name__}: {field} must be an integer >= {low}, got {value!r}")
+        check_int(type(self).__name__, field, getattr(self, field), minimum=low)
 
     def _check_fraction(self, field: str, value) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"{type(self).__name__}: {field} must be a number in [0, 1], got {value!r}")
+        check_fraction(type(self).__name__, field, value)
 
     def samples(self) -> list[Sample]:
         """The task's prompts, the same list for the same fields."""
