@@ -24,6 +24,7 @@ import kvpress_mm
 from .measure import decode_ms_per_token, prefill
 from .models import RANDOM_SIZES, load_bench_model
 from .report import write_reports
+from ..validate import check_bool, check_choice, check_int, check_number, is_int, is_number
 
 EAGER_REFERENCE = "eager_reference"
 BENCH_MODELS = (*RANDOM_SIZES, "mini_llava")
@@ -69,25 +70,22 @@ class BenchSettings:
     def __post_init__(self):
         # every setting is checked before any model loads: a typo must not surface after an hour of measuring
         for name in ("repeats", "plain_every", "threads", "batch"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"bench: {name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.decode_tokens, bool) or not isinstance(self.decode_tokens, int) or self.decode_tokens < 0:
-            raise ValueError(f"bench: decode_tokens must be an integer >= 0, got {self.decode_tokens!r}")
+            check_int("bench", name, getattr(self, name), minimum=1)
+        check_int("bench", "decode_tokens", self.decode_tokens, minimum=0)
+        check_int("bench", "eager_max_length", self.eager_max_length, minimum=0)
+        check_bool("bench", "eager_reference", self.eager_reference)
         unknown = [m for m in self.models if m not in BENCH_MODELS]
         if unknown or not self.models:
             raise ValueError(f"bench: models {unknown or self.models!r} unknown; choose from {', '.join(BENCH_MODELS)}")
-        bad = [n for n in self.lengths if isinstance(n, bool) or not isinstance(n, int) or n < MIN_LENGTH]
+        bad = [n for n in self.lengths if not is_int(n) or n < MIN_LENGTH]
         if bad or not self.lengths:
             raise ValueError(f"bench: lengths must be integers >= {MIN_LENGTH}, got {bad or self.lengths!r}")
-        bad = [b for b in self.budgets if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1]
+        bad = [b for b in self.budgets if not is_number(b) or not 0 < b <= 1]
         if bad or not self.budgets:
             raise ValueError(f"bench: budgets must be in (0, 1], got {bad or self.budgets!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"bench: dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_choice("bench", "dtype", self.dtype, DTYPES)
         check_device(self.device)
-        if isinstance(self.padding, bool) or not isinstance(self.padding, (int, float)) or not 0 <= self.padding < 1:
-            raise ValueError(f"bench: padding must be in [0, 1), got {self.padding!r}")
+        check_number("bench", "padding", self.padding, 0, 1, high_open=True)
         if self.padding and self.batch < 2:
             raise ValueError(f"bench: padding={self.padding} needs batch >= 2 (the first row is never padded)")
         if self.batch > 1 and "mini_llava" in self.models:
