@@ -30,11 +30,10 @@ from .statistics import Statistics
 
 logger = logging.getLogger("kvpress_mm")
 
-COMPRESS_MODES = ("first_prompt", "every_prompt")
 # models whose uncompressed sliding-window layers were already reported
 _SLIDING_LOGGED: set[int] = set()
 
-__all__ = ["COMPRESS_MODES", "CompressionSession", "SUPPORTED_BACKENDS"]
+__all__ = ["CompressionSession", "SUPPORTED_BACKENDS"]
 
 
 def _cache_from(kwargs: dict):
@@ -63,7 +62,7 @@ class CompressionSession:
         self.num_layers = len(self.attention_modules)
         self.needs = strategy.needs()
         self.decode_every = strategy.decode_interval()
-        self.compress_mode = getattr(strategy, "compress", "first_prompt")
+        self.compress_mode = strategy.compress
         if self.adapter.multimodal:
             self.adapter.token_ids(model)  # fail now, not mid-generate, if the image token id is missing
         self.hooks = Hooks(model, self.decoder, self.attention_modules)

@@ -15,6 +15,9 @@ from .validate import check_choice, check_int, warn_ignored
 
 
 PHASES = ("prefill", "decode", "both")
+# which prompts a cache compresses: its first one only (later turns and questions are read as they are), or
+# every prompt (each later turn's new tokens are compressed to the budget too, the past kept as it is)
+COMPRESS_MODES = ("first_prompt", "every_prompt")
 
 # instance-dict flags: construction has finished / __post_init__ is being re-run for an assignment
 _READY = "_kvpress_mm_ready"
@@ -44,6 +47,9 @@ class EvictionStrategy(ABC, metaclass=_StrategyMeta):
 
     budget: fraction of each row's prompt tokens a layer keeps, in (0, 1].
     budget_tokens: keep at most this many tokens per layer instead (with budget=1.0).
+    compress: "first_prompt" (default: compress the first prompt a cache sees; follow-up turns and the
+    questions asked about a compressed context are appended as they are) or "every_prompt" (each later
+    prompt's new tokens are compressed to the budget too, with statistics over the compressed past).
 
     Subclasses implement `plan(layer)`; `needs()` declares the attention statistics they read.
     Use as `with strategy(model): model.generate(...)`.
@@ -57,6 +63,7 @@ class EvictionStrategy(ABC, metaclass=_StrategyMeta):
 
     budget: float = 1.0
     budget_tokens: int | None = None
+    compress: str = "first_prompt"
 
     # each (row, kv head) keeps exactly kept_counts() tokens; False: more may be kept (keep_all_text)
     exact_budget: ClassVar[bool] = True
@@ -65,6 +72,7 @@ class EvictionStrategy(ABC, metaclass=_StrategyMeta):
 
     def __post_init__(self):
         validate_budget(self.budget, self.budget_tokens, owner=type(self).__name__)
+        check_choice(type(self).__name__, "compress", self.compress, COMPRESS_MODES)
 
     def __setattr__(self, name, value):
         state = self.__dict__

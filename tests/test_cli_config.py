@@ -119,7 +119,7 @@ def _error(*overrides, multirun=False) -> str:
         (["strategy.merge=sideways"], "strategy.merge:", "none, averaged, pivotal, weighted"),
         (["strategy=nope"], "strategy:", "snapkv"),
         (["model=nope"], "model:", "tiny_llava"),
-        (["strategy.nope=1"], "strategy.nope:", "budget, budget_tokens, recent_share"),
+        (["strategy.nope=1"], "strategy.nope:", "budget, budget_tokens, compress, recent_share"),
         (["strategy=snapkv", "strategy.window_size=abc"], "strategy.window_size:", "Integer"),
         (["task.n_samples=0"], "task.n_samples:", ">= 1"),
         (["model=tiny_llava", "model.colour=red"], "model.colour:", "dtype, device, seed"),

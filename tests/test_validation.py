@@ -20,7 +20,7 @@ import kvpress_mm
 from kvpress_mm.eval import get_task
 from kvpress_mm.merge import MERGE_MODES, MERGE_SCOPES
 from kvpress_mm.registry import list_strategies, strategy_class
-from kvpress_mm.strategy import PHASES
+from kvpress_mm.strategy import COMPRESS_MODES, PHASES
 from kvpress_mm.validate import (
     FieldTypeError,
     check_bool,
@@ -48,6 +48,7 @@ SPECS = {
     "seed": ("int", dict(low=0, high=2**32 - 1)),
     "compress_every": ("int", dict(low=1)),
     "phase": ("choice", dict(choices=PHASES)),
+    "compress": ("choice", dict(choices=COMPRESS_MODES)),
     "pooling": ("choice", dict(choices=("avg", "max"))),
     "merge": ("choice", dict(choices=MERGE_MODES)),
     "merge_scope": ("choice", dict(choices=MERGE_SCOPES)),
