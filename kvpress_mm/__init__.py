@@ -22,18 +22,32 @@ def __getattr__(name):
         from .session import CompressionSession
 
         return CompressionSession
+    if name in ("compress_context", "CompressedContext", "Answer"):
+        from . import context
+
+        return getattr(context, name)
+    if name in ("CompressedCache", "CompressedLayer", "fork"):
+        from . import compressed_cache
+
+        return getattr(compressed_cache, name)
     raise AttributeError(f"module 'kvpress_mm' has no attribute {name!r}")
 
 __all__ = [
+    "Answer",
     "AttentionNeeds",
     "CacheSize",
     "CompressionReport",
+    "CompressedCache",
+    "CompressedContext",
+    "CompressedLayer",
     "CompressionSession",
     "EvictionStrategy",
     "LayerKV",
     "Modality",
     "Plan",
     "cache_size",
+    "compress_context",
+    "fork",
     "get_strategy",
     "list_strategies",
     "register_preset",

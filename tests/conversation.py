@@ -54,7 +54,9 @@ _STATE: dict = {"held": [], "forward": 0}
 
 def _held_reference(module, query, key, value, attention_mask, **kwargs):
     f = _STATE["forward"]
-    prev = _STATE["held"][f - 1].get(module.layer_idx) if f > 0 else None
+    held_list = _STATE["held"]
+    # past the recorded forwards the last record holds (positions after it are all held: nothing evicts)
+    prev = held_list[min(f, len(held_list)) - 1].get(module.layer_idx) if f > 0 and held_list else None
     b, heads, q_len, s_len = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
     if attention_mask is None:
         q_pos = torch.arange(s_len - q_len, s_len, device=key.device)[:, None]
@@ -63,8 +65,7 @@ def _held_reference(module, query, key, value, attention_mask, **kwargs):
         allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     if prev is not None:
         past = prev[..., : s_len - q_len]
-        assert past.shape[-1] == s_len - q_len, (past.shape, s_len, q_len)
-        new = torch.ones((b, past.shape[1], q_len), dtype=torch.bool, device=key.device)
+        new = torch.ones((b, past.shape[1], s_len - past.shape[-1]), dtype=torch.bool, device=key.device)
         held = torch.cat([past.expand(b, -1, -1), new], dim=-1)[:, :, None, :]
         held = held.repeat_interleave(heads // held.shape[1], dim=1)
         allowed = allowed & held

@@ -1,0 +1,102 @@
+"""Caches kvpress-mm cannot compress are refused with one clear error (never "kept 100%" after doing
+nothing), and a malformed plan is reported with the strategy's name and the shapes."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from transformers import DynamicCache, StaticCache
+
+import kvpress_mm
+from kvpress_mm.layer import Plan
+from kvpress_mm.strategy import EvictionStrategy
+
+from helpers import generate, rows_for, tiny
+
+
+@pytest.mark.parametrize("family", ["llama", "llava"])
+def test_static_cache_implementation_is_refused(family):
+    t = tiny(family)
+    inputs = t.make_inputs(rows_for(t))
+    with pytest.raises(ValueError, match=r"got a StaticCache.*without cache_implementation"):
+        with kvpress_mm.get_strategy("snapkv", budget=0.3)(t.model):
+            generate(t.model, inputs, steps=2, cache_implementation="static")
+
+
+def test_static_cache_object_is_refused():
+    t = tiny("llama")
+    inputs = t.make_inputs(rows_for(t))
+    cache = StaticCache(config=t.model.config, max_cache_len=128)
+    with pytest.raises(ValueError, match="StaticCache"):
+        with kvpress_mm.get_strategy("h2o", budget=0.3)(t.model):
+            t.model(**inputs, cache=cache, use_cache=True)
+
+
+def test_offloaded_cache_is_refused():
+    t = tiny("llama")
+    inputs = t.make_inputs(rows_for(t))
+    cache = DynamicCache(config=t.model.config, offloading=True)
+    with pytest.raises(ValueError, match="offloaded"):
+        with kvpress_mm.get_strategy("h2o", budget=0.3)(t.model):
+            t.model(**inputs, cache=cache, use_cache=True)
+
+
+def test_a_cache_subclass_is_refused():
+    class MyCache(DynamicCache):
+        pass
+
+    t = tiny("llama")
+    inputs = t.make_inputs(rows_for(t))
+    with pytest.raises(ValueError, match="got a MyCache"):
+        with kvpress_mm.get_strategy("h2o", budget=0.3)(t.model):
+            t.model(**inputs, cache=MyCache(config=t.model.config), use_cache=True)
+
+
+def test_use_cache_false_is_refused():
+    t = tiny("llava")
+    inputs = t.make_inputs(rows_for(t))
+    with pytest.raises(ValueError, match="use_cache=False"):
+        with kvpress_mm.get_strategy("streaming_llm", budget=0.3)(t.model):
+            generate(t.model, inputs, steps=2, use_cache=False)
+
+
+def test_the_model_is_unchanged_after_a_refusal():
+    t = tiny("llama")
+    inputs = t.make_inputs(rows_for(t))
+    backend = t.model.config._attn_implementation
+    with pytest.raises(ValueError):
+        with kvpress_mm.get_strategy("snapkv", budget=0.3)(t.model):
+            generate(t.model, inputs, steps=2, cache_implementation="static")
+    assert t.model.config._attn_implementation == backend
+    assert not t.model._forward_hooks and not t.model._forward_pre_hooks
+
+
+@dataclass
+class _BadShapes(EvictionStrategy):
+    """Keeps the first half but returns replacement keys/values of the wrong length."""
+
+    what: str = "keys"
+
+    def plan(self, layer):
+        keep = layer.valid[:, None, :].clone()
+        keep[..., layer.length // 2 :] = False
+        keep &= layer.valid[:, None, :]
+        keep[..., -1] = layer.valid[:, -1:]  # every row keeps its last real token
+        wrong = layer.keys[:, :, :-1]
+        return Plan(keep=keep, **{self.what: wrong})
+
+
+@pytest.mark.parametrize("what", ["keys", "values"])
+def test_plan_with_wrong_state_shape_names_strategy_and_shapes(what):
+    t = tiny("llama")
+    inputs = t.make_inputs(rows_for(t))
+    layer_shape = None
+    with pytest.raises(ValueError) as err:
+        with _BadShapes(budget=0.5, what=what)(t.model):
+            out = t.model(**inputs, use_cache=True)
+            layer_shape = out.cache.layers[0].keys.shape
+    message = str(err.value)
+    assert layer_shape is None
+    b, length = inputs["input_ids"].shape
+    assert f"_BadShapes.plan returned {what} of shape" in message
+    assert f"{length - 1}" in message and f"{length}, 16)" in message
