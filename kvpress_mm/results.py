@@ -8,13 +8,17 @@ The JSON of a run (written by the CLI into its Hydra output directory) holds:
     cache        KV bytes before / after compression and the kept fraction (copied from metrics)
     timings      seconds to load the model, to evaluate, in all; prefill seconds, decode tokens/s
     environment  versions (python, torch, transformers, hydra, kvpress-mm), device, threads, host
+    status       ok / interrupted (the samples finished before a Ctrl-C; "interrupted": true) / failed (a
+                 sweep point that raised: "error" holds its one-line text; no metrics)
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -27,8 +31,11 @@ MIB = 1024 * 1024
 # the sweep table: (column, header, how to read it from a run's JSON)
 TABLE_COLUMNS = (
     "job", "strategy", "budget", "model", "task", "n_samples", "score", "full_score", "kept_fraction",
-    "kv_mib_before", "kv_mib_after", "prefill_s", "decode_tok_s", "peak_mib", "overrides", "output_dir",
+    "kv_mib_before", "kv_mib_after", "prefill_s", "decode_tok_s", "peak_mib", "status", "error", "overrides",
+    "output_dir",
 )
+STATUS_COLUMNS = ("status", "error")  # left out of a Markdown table whose every row is ok
+ERROR_WIDTH = 160  # characters of an error shown in a Markdown table (results.csv keeps all of it)
 
 
 # ============================================================================ one run
@@ -88,8 +95,7 @@ def run_record(
 def write_json(path: str | Path, record: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
-    return path
+    return _write_atomic(path, json.dumps(record, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(obj):
@@ -186,36 +192,68 @@ def table_rows(records: Iterable[dict]) -> list[dict]:
             "prefill_s": m.get("prefill_seconds"),
             "decode_tok_s": m.get("decode_tokens_per_second"),
             "peak_mib": _mib(m.get("peak_memory_bytes")),
+            "status": run_status(r),
+            "error": r.get("error"),
             "overrides": " ".join(r.get("overrides", [])),
             "output_dir": r.get("job", {}).get("output_dir"),
         })
     return rows
 
 
+def run_status(record: dict) -> str:
+    """ok, interrupted or failed (a result.json from before the status field: ok, or interrupted)."""
+    return record.get("status") or ("interrupted" if record.get("interrupted") else "ok")
+
+
 def write_csv(rows: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(TABLE_COLUMNS))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(TABLE_COLUMNS))
+    writer.writeheader()
+    writer.writerows(rows)
+    return _write_atomic(path, text.getvalue())
 
 
 def markdown_table(rows: list[dict], columns: Iterable[str] = TABLE_COLUMNS[:-2]) -> str:
+    """Rows as Markdown; the status and error columns only when some point did not finish ok."""
     columns = list(columns)
-    return _markdown(columns, [[_fmt(row.get(c)) for c in columns] for row in rows])
+    if all(row.get("status", "ok") == "ok" and not row.get("error") for row in rows):
+        columns = [c for c in columns if c not in STATUS_COLUMNS]
+    return _markdown(columns, [[_cell(row.get(c), c) for c in columns] for row in rows])
 
 
 def write_markdown(rows: list[dict], path: str | Path) -> Path:
+    return _write_atomic(path, markdown_table(rows, TABLE_COLUMNS) + "\n")
+
+
+def _cell(value, column: str) -> str:
+    text = _fmt(value).replace("|", "\\|")
+    if column == "error" and len(text) > ERROR_WIDTH:
+        text = text[: ERROR_WIDTH - 3] + "..."
+    return text
+
+
+def _write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write through a temporary file and a rename: a reader (or a sweep killed meanwhile) never sees half
+    a file, and parallel workers refreshing the same summary do not interleave."""
     path = Path(path)
-    path.write_text(markdown_table(rows, TABLE_COLUMNS) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
+    os.replace(tmp, path)
     return path
+
+
+def _finished(rows: list[dict]) -> list[dict]:
+    """The rows whose score covers every sample (not failed, not interrupted): the ones to compare."""
+    return [r for r in rows if r.get("status", "ok") == "ok"]
 
 
 def score_tables(rows: list[dict]) -> str:
     """Markdown: one table per (model, task), a row per strategy, a column per budget (the score), and the
     full cache's score on the same samples."""
-    points = [r for r in rows if _is_number(r.get("score")) and _is_number(r.get("budget"))]
+    points = [r for r in _finished(rows) if _is_number(r.get("score")) and _is_number(r.get("budget"))]
     out = []
     for model, task in sorted({(r["model"], r["task"]) for r in points}, key=str):
         these = [r for r in points if (r["model"], r["task"]) == (model, task)]
@@ -242,7 +280,7 @@ def plot_score_vs_budget(rows: list[dict], path: str | Path) -> Path | None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    points = [r for r in rows if _is_number(r.get("score")) and _is_number(r.get("budget"))]
+    points = [r for r in _finished(rows) if _is_number(r.get("score")) and _is_number(r.get("budget"))]
     if not points:
         return None
     panels = sorted({(r["model"], r["task"]) for r in points}, key=str)
@@ -289,15 +327,16 @@ def plot_score_vs_budget(rows: list[dict], path: str | Path) -> Path | None:
         fig.legend(list(entries.values()), list(entries.keys()), loc="lower center", ncol=4, fontsize=8,
                    frameon=False)
         fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return _write_atomic(path, buffer.getvalue())
 
 
 def write_sweep_summary(sweep_dir: str | Path, result_file: str = "result.json",
                         newer_than: float | None = None, sources: Iterable[str | Path] | None = None) -> dict[str, Path]:
     """results.csv, results.md, scores.md (strategy x budget per task) and score_vs_budget.png in `sweep_dir`,
-    from the run JSONs under `sources` (default: `sweep_dir` itself)."""
+    from the run JSONs under `sources` (default: `sweep_dir` itself). Failed and interrupted points are rows
+    of results.csv / results.md (status, error) but not of scores.md and the plot."""
     sweep_dir = Path(sweep_dir)
     records = [r for src in (sources or [sweep_dir]) for r in collect(src, result_file, newer_than)]
     rows = table_rows(records)
@@ -310,8 +349,7 @@ def write_sweep_summary(sweep_dir: str | Path, result_file: str = "result.json",
     }
     tables = score_tables(rows)
     if tables:
-        out["scores"] = sweep_dir / "scores.md"
-        out["scores"].write_text(tables + "\n")
+        out["scores"] = _write_atomic(sweep_dir / "scores.md", tables + "\n")
     png = plot_score_vs_budget(rows, sweep_dir / "score_vs_budget.png")
     if png is not None:
         out["png"] = png

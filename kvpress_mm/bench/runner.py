@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 import kvpress_mm
+from kvpress_mm.devices import device_problem
 
 from .measure import decode_ms_per_token, prefill
 from .models import RANDOM_SIZES, load_bench_model
@@ -33,20 +34,11 @@ MIN_LENGTH = 16
 
 
 def check_device(name: str) -> None:
-    """ValueError naming the device when torch cannot use it here (before any model is built)."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"bench: device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"bench: device {name!r} asked for, but this torch ({torch.__version__}) sees no CUDA "
-                             "device; use device=cpu")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"bench: device {name!r} asked for, but only cuda:0..cuda:{count - 1} exist")
-    elif device.type != "cpu":
-        raise ValueError(f"bench: device {name!r} is not supported; choose cpu or cuda[:N]")
+    """ValueError naming the device when torch cannot use it here (before any model is built); the same
+    check as the `eval` command's `device` (kvpress_mm.devices), limited to cpu and cuda."""
+    problem = device_problem(name, types=("cpu", "cuda"))
+    if problem:
+        raise ValueError(f"bench: device {problem}")
 
 
 @dataclass

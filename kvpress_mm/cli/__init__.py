@@ -9,6 +9,11 @@
 The first word may name a command (a config under conf/ with its own job function): `eval`
 and `bench` (the performance benchmark) exist; a new command is one more entry in COMMANDS. Everything after it is
 Hydra's usual command line (overrides, -m, --cfg job, --help, ...). See docs/configuration.md.
+
+Modules: `run` / `bench` (the commands' jobs), `preflight` (the checks before anything runs), `build`
+(config nodes -> strategy, task, load_model call), `config` / `schema` (ConfigStore schemas), `generate`
+(the yaml files under conf/ that mirror the code), `callbacks` (sweep summary and progress), `errors`
+(the one-line error, exit 2, and the interrupt, exit 130).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-PROG = "kvpress-mm"
+from . import errors
+from .errors import PROG
 
 
 @dataclass(frozen=True)
@@ -45,13 +51,19 @@ _NO_RUN_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "resol
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: pick the command, check the command line, hand it to Hydra."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    errors.reset()
     try:
         command, argv = split_command(argv)
         argv, target = select_target_option(argv)
         _prepare(command, argv, target)
     except ValueError as err:  # ConfigError and the registries' ValueErrors: one line, no traceback
-        _fail(err)
-    _run_hydra(command, argv)
+        errors.fail(err)
+    except KeyboardInterrupt:
+        errors.interrupted()
+    try:
+        _run_hydra(command, argv)
+    except KeyboardInterrupt:  # what was done is saved (cli.run, cli.callbacks); one line, exit 130
+        errors.interrupted()
 
 
 def split_command(argv: list[str]) -> tuple[Command, list[str]]:
@@ -70,12 +82,14 @@ def select_target_option(argv: list[str]) -> tuple[list[str], str | None]:
 
     Returns the command line to give Hydra and the class path when there is exactly one.
     """
-    values = [a.split("=", 1)[1] for a in argv if "=" in a and a.split("=", 1)[0].lstrip("+") == TARGET_KEY]
-    if not values:
+    at = [i for i, a in enumerate(argv) if "=" in a and a.split("=", 1)[0].lstrip("+") == TARGET_KEY]
+    if not at:
         return argv, None
+    values = [argv[i].split("=", 1)[1] for i in at]
     chooses_strategy = any("=" in a and a.split("=", 1)[0].lstrip("+~") == "strategy" for a in argv)
     if not chooses_strategy:
-        argv = ["strategy=target", *argv]
+        # next to the _target_ override: after any flags (-m, --config-dir d), which Hydra wants first
+        argv = [*argv[: at[0]], "strategy=target", *argv[at[0]:]]
     single = values[-1] if len(values) == 1 and not any(c in values[-1] for c in ",()[]") else None
     return argv, single
 
@@ -84,13 +98,17 @@ def _prepare(command: Command, argv: list[str], target: str | None) -> None:
     from hydra._internal.utils import get_args_parser
 
     from .config import register_configs
-    from .preflight import check_command_line
+    from .preflight import check_command_line, check_output_dirs
 
     register_configs(target=target)
     args, _ = get_args_parser().parse_known_args(argv)
-    if any(getattr(args, flag, None) for flag in _NO_RUN_FLAGS) or not command.preflight:
+    if any(getattr(args, flag, None) for flag in _NO_RUN_FLAGS):
         return
-    check_command_line(args.config_name or command.config_name, args.overrides, args.multirun, args.config_dir)
+    config_name = args.config_name or command.config_name
+    if command.preflight:
+        check_command_line(config_name, args.overrides, args.multirun, args.config_dir)
+    else:
+        check_output_dirs(config_name, args.overrides, args.multirun, args.config_dir)
 
 
 def _run_hydra(command: Command, argv: list[str]) -> None:
@@ -112,9 +130,4 @@ def _import(path: str) -> Callable:
 
 def _is_word(arg: str) -> bool:
     return not arg.startswith("-") and "=" not in arg and not arg.startswith("~")
-
-
-def _fail(err: Exception) -> None:
-    print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
 

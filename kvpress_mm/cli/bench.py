@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from kvpress_mm.bench import BenchSettings, run_benchmark
 from kvpress_mm.bench.report import markdown_table
+
+from . import errors
 
 
 def run_bench(cfg: DictConfig) -> list[dict]:
@@ -19,17 +20,16 @@ def run_bench(cfg: DictConfig) -> list[dict]:
     values = OmegaConf.to_container(cfg, resolve=True)
     fields = {f.name for f in dataclasses.fields(BenchSettings)}
     try:
+        # every setting, the device included (kvpress_mm.devices, as for eval), before any model loads
         settings = BenchSettings(**{k: v for k, v in values.items() if k in fields})
     except ValueError as err:
-        print(f"kvpress-mm: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        errors.fail(err)
     if settings.output_dir is None:
         settings.output_dir = HydraConfig.get().runtime.output_dir
     unknown = [n for n in settings.strategies if n not in kvpress_mm.list_strategies()]
     if unknown:
-        print(f"kvpress-mm: error: strategies: unknown {unknown}; choose from {kvpress_mm.list_strategies()}",
-              file=sys.stderr, flush=True)
-        raise SystemExit(2)
+        errors.fail(f"strategies: unknown {unknown}; choose from {kvpress_mm.list_strategies()}")
+    errors.results_in(settings.output_dir, "bench.json")  # rewritten after each (length, model)
     records = run_benchmark(settings)
     print(markdown_table(records))
     print(f"results: {settings.output_dir}/bench.json, bench.md, bench.png")

@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import re
 
 from omegaconf import DictConfig, OmegaConf
 
-from .schema import init_fields
 from ..registry import list_strategies, strategy_class
+from .errors import ConfigError
+from .schema import init_fields
 
-
-class ConfigError(ValueError):
-    """A bad config value; str() is the one line the CLI prints (naming the key and what is allowed)."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"{key}: {message}" if key else message)
+__all__ = ["ConfigError", "build_strategy", "build_task", "import_strategy_class", "model_call"]
 
 
 def import_strategy_class(target: str) -> type:
@@ -94,7 +90,29 @@ def model_call(node: DictConfig | dict) -> tuple[str, dict]:
         raise ConfigError(
             f"model.{unknown[0]}", f"model {name!r} has no such option; its options are: {', '.join(allowed)}"
         )
+    _check_model_options(options)
     return name, options
+
+
+def _check_model_options(options: dict) -> None:
+    """The loader options that would only fail after (or while) the model loads: the attention backend
+    and the device."""
+    from ..devices import device_problem
+    from ..session import SUPPORTED_BACKENDS
+
+    backend = options.get("attn_implementation")
+    if isinstance(backend, str) and backend not in SUPPORTED_BACKENDS:
+        note = ""
+        if backend.startswith("flash_attention") and importlib.util.find_spec("flash_attn") is None:
+            note = " (flash-attn is not installed either)"
+        raise ConfigError(
+            "model.attn_implementation",
+            f"{backend!r} is not a backend kvpress-mm compresses{note}; choose one of: {', '.join(SUPPORTED_BACKENDS)}",
+        )
+    if options.get("device") is not None:
+        problem = device_problem(options["device"])
+        if problem:
+            raise ConfigError("model.device", problem)
 
 
 def _as_dict(node) -> dict:

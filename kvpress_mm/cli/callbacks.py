@@ -1,18 +1,24 @@
 """Hydra callbacks of the CLI (enabled in conf/eval.yaml under hydra.callbacks).
 
-SweepResults: after a multirun, one table (CSV + Markdown) and a score-vs-budget PNG in the sweep directory.
+SweepResults: one table (CSV + Markdown) and a score-vs-budget PNG in the sweep directory, refreshed after
+    every point and written once more at the end (or on Ctrl-C): a sweep that is killed, interrupted or has
+    a failed point still has the summary of what finished, the failed / interrupted points marked (status).
 SweepProgress: a tqdm bar over the sweep points when they run in this process (the basic launcher).
-Both run in the process that launched the sweep, so they work with every launcher (joblib, submitit).
+on_multirun_* run in the process that launched the sweep, on_job_end where the job ran, so they work with
+every launcher (joblib, submitit).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from . import errors
 
 log = logging.getLogger(__name__)
 
@@ -26,19 +32,64 @@ class SweepResults(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # results older than this sweep (a reused sweep dir) are left out of its table
         self._started = time.time() - 1.0
+        errors.on_interrupt(lambda: self._summarize(config, interrupted=True))
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus
+
+        if job_return.status == JobStatus.FAILED:  # raised past the job function (eval's marks itself)
+            self._mark_failed(config, job_return)
+        try:
+            self._write(config)
+        except Exception as err:  # a summary that cannot be refreshed must not stop the sweep
+            log.warning(f"sweep summary not refreshed: {errors.error_line(err)}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from ..results import collect, markdown_table, table_rows, write_sweep_summary
+        self._summarize(config)
 
-        sweep_dir = config.hydra.sweep.dir
-        result_file = config.get("result_file", "result.json")
-        written = write_sweep_summary(sweep_dir, result_file, newer_than=self._started)
+    def _write(self, config: DictConfig) -> dict:
+        from ..results import write_sweep_summary
+
+        return write_sweep_summary(config.hydra.sweep.dir, _result_file(config), newer_than=self._started)
+
+    def _summarize(self, config: DictConfig, interrupted: bool = False) -> None:
+        """Write the summary, print its table and files; exit 1 when a point failed (not on an interrupt:
+        that exits 130 with its own line)."""
+        from ..results import collect, markdown_table, table_rows
+
+        sweep_dir, result_file = config.hydra.sweep.dir, _result_file(config)
+        written = self._write(config)
         if not written:
-            log.warning(f"no {result_file} found under {sweep_dir}: nothing to aggregate")
+            if not interrupted:
+                log.warning(f"no {result_file} found under {sweep_dir}: nothing to aggregate")
             return
+        errors.results_in(sweep_dir)
         rows = table_rows(collect(sweep_dir, result_file, newer_than=self._started))
         print("\n" + markdown_table(rows), flush=True)
         print("\n" + "\n".join(f"{kind}: {path}" for kind, path in written.items()), flush=True)
+        failed = [r for r in rows if r["status"] == "failed"]
+        if failed and not interrupted:
+            first = failed[0]
+            errors.fail(
+                f"{len(failed)} of {len(rows)} sweep points failed (status in {written['csv']}); "
+                f"job {first['job']}: {first['error']}",
+                code=errors.EXIT_FAILED,
+            )
+
+    def _mark_failed(self, config: DictConfig, job_return: Any) -> None:
+        from .run import failed_point
+
+        output_dir = Path(str(config.hydra.runtime.output_dir))
+        result = output_dir / _result_file(config)
+        if result.exists() and (self._started is None or result.stat().st_mtime >= self._started):
+            return
+        err = job_return._return_value
+        if isinstance(err, BaseException):
+            failed_point(job_return.cfg or config, config.hydra, err)
+
+
+def _result_file(config: DictConfig) -> str:
+    return str(config.get("result_file", "result.json"))
 
 
 class SweepProgress(Callback):
@@ -55,12 +106,16 @@ class SweepProgress(Callback):
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, desc="sweep points", unit="run", position=0, leave=True)
+            errors.on_interrupt(self._close)  # before the interrupt's lines are printed
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if self._bar is not None:
             self._bar.update(1)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._close()
+
+    def _close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None

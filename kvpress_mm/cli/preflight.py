@@ -1,13 +1,17 @@
 """Check a command line before any job starts: compose every sweep point and build its strategy and task.
 
-A bad value (strategy.budget=7, strategy.merge=sideways, an unknown strategy / model / key) then fails
-at once, as one line naming the key and what it allows, instead of as a traceback from inside a job
-(or from the ninth job of a sweep, after eight models were loaded).
+A bad value (strategy.budget=7, strategy.merge=sideways, an unknown strategy / model / key, threads=-1,
+a device torch does not see, an attention backend kvpress-mm does not compress, an output directory or
+result_file that cannot be written) then fails at once, as one line naming the key and what it allows,
+instead of as a traceback from inside a job (or from the ninth job of a sweep, after eight models were
+loaded, or after the whole evaluation, when its result cannot be saved).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
@@ -16,8 +20,10 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from ..devices import device_problem
 from .build import ConfigError, build_strategy, build_task, model_call
 from .config import CONFIG_MODULE
+from .errors import one_line as _one_line
 
 # command-line overrides of Hydra itself (launcher, sweep dir, ...): Hydra checks those on its own;
 # hydra.searchpath stays (it decides which model / strategy / task configs exist)
@@ -29,14 +35,29 @@ def check_command_line(config_name: str, overrides: list[str], multirun: bool, c
     extra = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3", job_name="kvpress-mm"):
         points = _sweep_points(overrides, multirun)
-        seen = set()
+        seen, configs = set(), []
         for point in points:
             point = extra + [o for o in point if not _HYDRA_KEY.match(o)]
             if tuple(point) in seen:
                 continue
             seen.add(tuple(point))
-            check_config(_compose(config_name, point))
+            cfg = _compose(config_name, point)
+            check_config(cfg)
+            configs.append(cfg)
+        # then where the results go: the run / sweep directory, each point's result_file in it
+        job_dir = _check_output_dirs(config_name, extra + (points[0] if points else list(overrides)), multirun)
+        if job_dir is not None:
+            for result_file in dict.fromkeys(str(cfg.result_file) for cfg in configs):
+                check_result_file(job_dir, result_file)
     return len(seen)
+
+
+def check_output_dirs(config_name: str, overrides: list[str], multirun: bool, config_dir: str | None = None) -> None:
+    """Only the output directories (hydra.run.dir or hydra.sweep.dir, and a top-level `output_dir`) of a
+    command without the full preflight (bench): ConfigError when one cannot be created or written."""
+    extra = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3", job_name="kvpress-mm"):
+        _check_output_dirs(config_name, extra + list(overrides), multirun)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -45,15 +66,96 @@ def check_config(cfg: DictConfig) -> None:
     build_strategy(cfg.strategy)
     build_task(cfg.task)
     model_call(cfg.model)
-    if cfg.batch_size < 1:
-        raise ConfigError("batch_size", f"must be an integer >= 1, got {cfg.batch_size}")
-    if cfg.device is not None:
-        import torch
+    check_run_options(cfg)
 
-        try:
-            torch.device(cfg.device)
-        except (RuntimeError, ValueError):
-            raise ConfigError("device", f"not a torch device: {cfg.device!r} (e.g. cpu, cuda, cuda:1, mps)") from None
+
+def check_run_options(cfg: DictConfig) -> None:
+    """The run options (batch_size, threads, device) a job uses: ConfigError naming the key on a bad one.
+    Cheap and model-free, so a job repeats it before loading its model."""
+    batch_size = cfg.get("batch_size", 1)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError("batch_size", f"must be an integer >= 1, got {batch_size}")
+    threads = cfg.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+        raise ConfigError("threads", f"must be an integer >= 0 (0 or null: torch's default; N >= 1: N torch CPU "
+                                     f"threads), got {threads!r}")
+    device = cfg.get("device")
+    if device is not None:
+        problem = device_problem(device)
+        if problem:
+            raise ConfigError("device", problem)
+
+
+def check_result_file(job_dir: str | Path, result_file: str) -> None:
+    """ConfigError unless <job_dir>/<result_file> (an absolute result_file: itself) can be written."""
+    if not str(result_file).strip() or str(result_file).endswith(("/", os.sep)):
+        raise ConfigError("result_file", f"must name a file (e.g. result.json), got {result_file!r}")
+    problem = writable_problem(Path(job_dir) / str(result_file), directory=False)
+    if problem:
+        raise ConfigError("result_file", f"{problem}; choose a file name (or path) that can be written")
+
+
+def writable_problem(path: str | Path, directory: bool) -> str | None:
+    """None when `path` (a directory, or a file with `directory=False`) exists writable or can be created,
+    else why not. Probes by creating (and removing) a temporary file: permission bits say nothing to root,
+    nor about read-only file systems."""
+    path = Path(os.path.abspath(path))
+    if path.exists():
+        if directory and not path.is_dir():
+            return f"{str(path)!r} is a file, not a directory"
+        if not directory:
+            if path.is_dir():
+                return f"{str(path)!r} is a directory"
+            return None if os.access(path, os.W_OK) else f"{str(path)!r} is not writable"
+        return _probe(path, path)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot create {str(path)!r}: {str(parent)!r} is a file, not a directory"
+    return _probe(parent, path)
+
+
+def _probe(folder: Path, target: Path) -> str | None:
+    what = f"cannot write {str(target)!r}" if folder != target else f"cannot write in {str(folder)!r}"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{what}: {str(folder)!r} is not writable"
+    try:
+        handle, name = tempfile.mkstemp(dir=folder, prefix=".kvpress-mm-write-check-")
+    except OSError as err:
+        return f"{what}: {str(folder)!r} takes no new files ({err.strerror or err})"
+    os.close(handle)
+    os.unlink(name)
+    return None
+
+
+def _check_output_dirs(config_name: str, overrides: list[str], multirun: bool) -> Path | None:
+    """Check the directory Hydra will write to (and `output_dir` when the config has one); return the
+    directory a job writes its files to (a sweep: inside hydra.sweep.dir), None when it cannot be resolved
+    here (Hydra then reports it)."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    try:
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+        folder = OmegaConf.select(cfg, key, throw_on_missing=True)
+    except Exception:  # e.g. a launcher's own keys: composing them is Hydra's business
+        return None
+    if folder is None:
+        return None
+    problem = writable_problem(folder, directory=True)
+    if problem:
+        raise ConfigError(key, f"{problem}; choose a directory that can be written")
+    output_dir = OmegaConf.select(cfg, "output_dir", default=None) if "output_dir" in cfg else None
+    if output_dir is not None:
+        problem = writable_problem(output_dir, directory=True)
+        if problem:
+            raise ConfigError("output_dir", f"{problem}; choose a directory that can be written (or null)")
+    if not multirun:
+        return Path(str(folder))
+    try:
+        subdir = OmegaConf.select(cfg, "hydra.sweep.subdir", throw_on_missing=True)
+    except Exception:  # ${hydra.job.num}: known only when the job is launched
+        subdir = "0"
+    return Path(str(folder)) / str(subdir)
 
 
 def _sweep_points(overrides: list[str], multirun: bool) -> list[list[str]]:
@@ -131,8 +233,3 @@ def _key(override: str) -> str:
 def _check_no_missing(cfg: DictConfig) -> None:
     for key in OmegaConf.missing_keys(cfg):
         raise ConfigError(key, f"needs a value (set {key}=...)")
-
-
-def _one_line(text: str) -> str:
-    """Hydra's messages put hints on further lines ("1. To use it as a list, ..."): keep them, joined."""
-    return " ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())

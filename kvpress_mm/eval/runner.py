@@ -78,12 +78,22 @@ class RunResult:
     device: str = "cpu"
     memory_method: str = "none"
     wall_seconds: float = 0.0
+    interrupted: bool = False  # stopped early (Ctrl-C): the fields cover the samples finished before
 
     def to_dict(self) -> dict:
         return _jsonable(dataclasses.asdict(self))
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
+
+
+class EvaluationInterrupted(KeyboardInterrupt):
+    """A KeyboardInterrupt during `evaluate`, carrying the RunResult of the samples finished before it
+    (`result.interrupted` is True): a caller that catches it can save them; others stop as on any Ctrl-C."""
+
+    def __init__(self, result: RunResult):
+        super().__init__(f"interrupted after {result.n_samples} samples")
+        self.result = result
 
 
 def _jsonable(obj: Any):
@@ -274,6 +284,7 @@ def evaluate(bundle: ModelBundle, task: Task | str, strategy, *, batch_size: int
     memory_method = "none"
 
     bar = tqdm(total=len(samples), desc=f"{task.name} | {strategy_name}", unit="sample", disable=not progress)
+    interrupted = False
     try:
         for k, batch in enumerate(_batches(samples, batch_size)):
             inputs = bundle.prepare(batch)
@@ -289,27 +300,13 @@ def evaluate(bundle: ModelBundle, task: Task | str, strategy, *, batch_size: int
                     full = _generate(bundle, inputs, None, task.max_new_tokens, device, logits=fidelity_mode)
                     _FULL_RUNS[key] = full
                 full_len = _lengths(full.new_tokens, eos)
-                times["full_prefill"].append(full.prefill_seconds)
-                times["full_decode_s"] += full.decode_seconds
-                times["full_decode_tok"] += full.decode_steps * rows
-                peaks["full_peak"].append(full.peak_bytes)
-                peaks["full_inc"].append(full.peak_increase_bytes)
             if fidelity_mode:
                 run = _generate(bundle, inputs, strategy, task.max_new_tokens, device, force=full.new_tokens, logits=True)
             else:
                 run = _generate(bundle, inputs, strategy, task.max_new_tokens, device)
-            memory_method = run.memory_method
-            times["prefill"].append(run.prefill_seconds)
-            times["decode_s"] += run.decode_seconds
-            times["decode_tok"] += run.decode_steps * rows
-            peaks["peak"].append(run.peak_bytes)
-            peaks["inc"].append(run.peak_increase_bytes)
             report = run.report
             kept = report.kept_fraction if report is not None else 1.0
-            acc["kept"] += kept * rows
-            acc["before"] += report.before_bytes if report is not None else 0
-            acc["after"] += report.after_bytes if report is not None else 0
-            acc["rows"] += rows
+            done: list[dict] = []  # this batch's sample records (kept only once the whole batch is scored)
 
             prompt_tokens = inputs["attention_mask"].sum(-1).tolist() if "attention_mask" in inputs else \
                 [inputs["input_ids"].shape[1]] * rows
@@ -318,7 +315,7 @@ def evaluate(bundle: ModelBundle, task: Task | str, strategy, *, batch_size: int
                 for b, sample in enumerate(batch):
                     n = full_len[b]
                     m = fidelity_metrics(full.logits[b, :n], run.logits[b, :n])
-                    records.append({
+                    done.append({
                         "id": sample.id, "prompt_tokens": int(prompt_tokens[b]),
                         "prediction": _diverged_text(bundle, full.new_tokens[b], run.logits[b], m["matched_prefix"], n),
                         "full_prediction": reference[b], "answer": sample.answer, "score": m["agreement"],
@@ -329,15 +326,35 @@ def evaluate(bundle: ModelBundle, task: Task | str, strategy, *, batch_size: int
                 predictions = _texts(bundle, run.new_tokens, run_len)
                 full_predictions = _texts(bundle, full.new_tokens, full_len) if full is not None else [None] * rows
                 for b, sample in enumerate(batch):
-                    records.append({
+                    done.append({
                         "id": sample.id, "prompt_tokens": int(prompt_tokens[b]), "prediction": predictions[b],
                         "full_prediction": full_predictions[b], "answer": sample.answer,
                         "score": task.score(sample, predictions[b]),
                         "full_score": task.score(sample, full_predictions[b]) if full is not None else None,
                         "batch_kept_fraction": kept, "meta": sample.meta,
                     })
+            # the batch is complete: count it (an interrupt before this point leaves no trace of it)
+            if full is not None:
+                times["full_prefill"].append(full.prefill_seconds)
+                times["full_decode_s"] += full.decode_seconds
+                times["full_decode_tok"] += full.decode_steps * rows
+                peaks["full_peak"].append(full.peak_bytes)
+                peaks["full_inc"].append(full.peak_increase_bytes)
+            memory_method = run.memory_method
+            times["prefill"].append(run.prefill_seconds)
+            times["decode_s"] += run.decode_seconds
+            times["decode_tok"] += run.decode_steps * rows
+            peaks["peak"].append(run.peak_bytes)
+            peaks["inc"].append(run.peak_increase_bytes)
+            acc["kept"] += kept * rows
+            acc["before"] += report.before_bytes if report is not None else 0
+            acc["after"] += report.after_bytes if report is not None else 0
+            acc["rows"] += rows
+            records.extend(done)
             bar.update(rows)
             bar.set_postfix(score=f"{mean(r['score'] for r in records):.3f}", kept=f"{acc['kept'] / acc['rows']:.2f}")
+    except KeyboardInterrupt:
+        interrupted = True  # Ctrl-C: the result of the samples finished so far goes out with the interrupt
     finally:
         bar.close()
 
@@ -355,8 +372,10 @@ def evaluate(bundle: ModelBundle, task: Task | str, strategy, *, batch_size: int
         notes.append("full-cache reference not run (compare_full=False).")
     if not bundle.trained:
         notes.append("random-weight model: task answers are meaningless, only fidelity measures something.")
+    if interrupted:
+        notes.append(f"interrupted after {len(records)} of {len(samples)} samples.")
     full_scores = [r["full_score"] for r in records]
-    return RunResult(
+    result = RunResult(
         model=bundle.name,
         task=task.name,
         strategy=strategy_name,
@@ -386,7 +405,11 @@ def evaluate(bundle: ModelBundle, task: Task | str, strategy, *, batch_size: int
         device=str(device),
         memory_method=memory_method,
         wall_seconds=time.perf_counter() - t_start,
+        interrupted=interrupted,
     )
+    if interrupted:
+        raise EvaluationInterrupted(result)
+    return result
 
 
 def _max(values) -> int | None:
