@@ -13,7 +13,7 @@ import torch
 import kvpress_mm.bench.runner as bench_runner
 import kvpress_mm.cli.run as cli_run
 import kvpress_mm.eval
-from kvpress_mm.cli import main
+from kvpress_mm.cli import main, select_target_option
 from kvpress_mm.eval import runner as runner_mod
 
 # the cheapest meaningful run (as in test_cli.py): fidelity on a tiny random model, 1 sample, 2 new tokens
@@ -178,3 +178,10 @@ def test_probe_of_a_folder_that_takes_no_files(tmp_path, monkeypatch):
     monkeypatch.setattr(preflight.tempfile, "mkstemp", refuse)
     problem = preflight.writable_problem(tmp_path / "new" / "dir", directory=True)
     assert "takes no new files (Permission denied)" in problem and str(tmp_path) in problem
+
+
+def test_target_shortcut_goes_after_the_flags():
+    """`-m strategy._target_=...`: strategy=target is put next to the override, Hydra wants flags first."""
+    argv, target = select_target_option(["-m", "strategy._target_=pkg.Cls", "strategy.budget=0.1,0.2"])
+    assert argv == ["-m", "strategy=target", "strategy._target_=pkg.Cls", "strategy.budget=0.1,0.2"]
+    assert target == "pkg.Cls"

@@ -75,7 +75,8 @@ def test_failed_point_is_marked_and_the_finished_points_are_summarized(tmp_path,
 
     def spy(cfg):
         csv_file = tmp_path / "sweep" / "results.csv"
-        seen.append([(r["budget"], r["status"]) for r in summary_rows(tmp_path / "sweep")] if csv_file.exists() else None)
+        rows = summary_rows(tmp_path / "sweep") if csv_file.exists() else None
+        seen.append(None if rows is None else [(r["budget"], r["status"]) for r in rows])
         return real(cfg)
 
     monkeypatch.setattr(cli_run, "_run_eval", spy)
