@@ -75,7 +75,7 @@ def test_single_run_with_target_class_writes_result_json_and_prints_table(tmp_pa
     (path,) = tmp_path.glob("outputs/*/*_target/result.json")
     record = json.loads(path.read_text())
     assert record["config"]["strategy"] == {
-        "_target_": "kvmm_cli_plugin.KeepLast", "budget": 0.25, "budget_tokens": None, "tail": 3}
+        "_target_": "kvmm_cli_plugin.KeepLast", "budget": 0.25, "budget_tokens": None, "compress": "first_prompt", "tail": 3}
     assert record["config"]["model"]["name"] == "tiny_llava"
     assert record["choices"]["strategy"] == "target"
     m = record["metrics"]
