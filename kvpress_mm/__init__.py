@@ -1,9 +1,9 @@
 """kvpress-mm: KV-cache eviction and merging for multimodal LLMs in transformers.
 
-    strategy = kvpress_mm.get_strategy("snapkv", budget=0.2)
-    with strategy(model) as press:
-        out = model.generate(**inputs, max_new_tokens=32)
-    print(press.report.summary())
+strategy = kvpress_mm.get_strategy("snapkv", budget=0.2)
+with strategy(model) as press:
+    out = model.generate(**inputs, max_new_tokens=32)
+print(press.report.summary())
 """
 
 from .adapters import supported_families
@@ -31,6 +31,7 @@ def __getattr__(name):
 
         return getattr(compressed_cache, name)
     raise AttributeError(f"module 'kvpress_mm' has no attribute {name!r}")
+
 
 __all__ = [
     "Answer",

@@ -167,7 +167,7 @@ def accumulated_attention(
     # the matmul; the checks are queued first and read back once (one device sync, not one per chunk).
     ends = [offset + min(length, i0 + chunk) for i0 in starts]
     if allowed is not None and not within_causal:
-        beyond = torch.stack([allowed[:, :, i0:e - offset, e:].any() for i0, e in zip(starts, ends)]).tolist()
+        beyond = torch.stack([allowed[:, :, i0 : e - offset, e:].any() for i0, e in zip(starts, ends)]).tolist()
         ends = [s_len if seen else e for e, seen in zip(ends, beyond)]
     tri = None
     for i0, k_end in zip(starts, ends):
@@ -197,14 +197,15 @@ def accumulated_attention(
     return total.view(b, h, s_len)
 
 
-
 def hides_future(allowed: torch.Tensor, chunk: int = 1024) -> bool:
     """Whether bool `allowed` [B, 1|H, L, S] lets no query see a key after its own position (the last L keys
     are the queries'): true of causal masks with padding or a sliding window, false of bidirectional image
     blocks. Checked in row chunks (no second L x S tensor), one device sync."""
     length, s_len = allowed.shape[-2], allowed.shape[-1]
     offset = s_len - length
-    future = [torch.triu(allowed[..., i0 : i0 + chunk, :], diagonal=i0 + offset + 1).any() for i0 in range(0, length, chunk)]
+    future = [
+        torch.triu(allowed[..., i0 : i0 + chunk, :], diagonal=i0 + offset + 1).any() for i0 in range(0, length, chunk)
+    ]
     return not bool(torch.stack(future).any())
 
 

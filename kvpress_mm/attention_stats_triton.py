@@ -26,8 +26,22 @@ _BLOCK = 64
 
 
 @triton.jit
-def _scores(q, k_t, offs_m, offs_n, mask_ptr, L, S, offset, scale_log2,
-            s_mm, s_mn, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+def _scores(
+    q,
+    k_t,
+    offs_m,
+    offs_n,
+    mask_ptr,
+    L,
+    S,
+    offset,
+    scale_log2,
+    s_mm,
+    s_mn,
+    HAS_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """Scores of a [BLOCK_M, BLOCK_N] block in the log2 domain, -inf where the query may not see the key."""
     if IEEE:
         s = tl.dot(q, k_t, input_precision="ieee")
@@ -44,18 +58,48 @@ def _scores(q, k_t, offs_m, offs_n, mask_ptr, L, S, offset, scale_log2,
 
 
 @triton.jit
-def _row_lse(Q, K, MASK, LSE, L, S, offset, scale_log2, HEADS, GROUPS, D,
-             s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_mb, s_mh, s_mm, s_mn,
-             HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _row_lse(
+    Q,
+    K,
+    MASK,
+    LSE,
+    L,
+    S,
+    offset,
+    scale_log2,
+    HEADS,
+    GROUPS,
+    D,
+    s_qb,
+    s_qh,
+    s_qm,
+    s_qd,
+    s_kb,
+    s_kh,
+    s_kn,
+    s_kd,
+    s_mb,
+    s_mh,
+    s_mm,
+    s_mn,
+    HAS_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HEADS
     h = bh % HEADS
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
-                mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), other=0.0)
+    q = tl.load(
+        Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
+        mask=(offs_m[:, None] < L) & (offs_d[None, :] < D),
+        other=0.0,
+    )
     k_base = K + b * s_kb + (h // GROUPS) * s_kh
     mask_ptr = MASK + b * s_mb + h * s_mh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -66,8 +110,11 @@ def _row_lse(Q, K, MASK, LSE, L, S, offset, scale_log2, HEADS, GROUPS, D,
         hi = (pid_m + 1) * BLOCK_M + offset
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
-                      mask=(offs_n[None, :] < S) & (offs_d[:, None] < D), other=0.0)
+        k_t = tl.load(
+            k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
+            mask=(offs_n[None, :] < S) & (offs_d[:, None] < D),
+            other=0.0,
+        )
         s = _scores(q, k_t, offs_m, offs_n, mask_ptr, L, S, offset, scale_log2, s_mm, s_mn, HAS_MASK, CAUSAL, IEEE)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
@@ -79,18 +126,53 @@ def _row_lse(Q, K, MASK, LSE, L, S, offset, scale_log2, HEADS, GROUPS, D,
 
 
 @triton.jit
-def _key_sums(Q, K, MASK, LSE, VALID, OUT, L, S, offset, scale_log2, HEADS, GROUPS, D,
-              s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_mb, s_mh, s_mm, s_mn, s_vb, s_vm,
-              HAS_MASK: tl.constexpr, HAS_VALID: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _key_sums(
+    Q,
+    K,
+    MASK,
+    LSE,
+    VALID,
+    OUT,
+    L,
+    S,
+    offset,
+    scale_log2,
+    HEADS,
+    GROUPS,
+    D,
+    s_qb,
+    s_qh,
+    s_qm,
+    s_qd,
+    s_kb,
+    s_kh,
+    s_kn,
+    s_kd,
+    s_mb,
+    s_mh,
+    s_mm,
+    s_mn,
+    s_vb,
+    s_vm,
+    HAS_MASK: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HEADS
     h = bh % HEADS
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k_t = tl.load(K + b * s_kb + (h // GROUPS) * s_kh + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
-                  mask=(offs_n[None, :] < S) & (offs_d[:, None] < D), other=0.0)
+    k_t = tl.load(
+        K + b * s_kb + (h // GROUPS) * s_kh + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
+        mask=(offs_n[None, :] < S) & (offs_d[:, None] < D),
+        other=0.0,
+    )
     q_base = Q + b * s_qb + h * s_qh
     mask_ptr = MASK + b * s_mb + h * s_mh
     total = tl.zeros([BLOCK_N], tl.float32)
@@ -101,8 +183,11 @@ def _key_sums(Q, K, MASK, LSE, VALID, OUT, L, S, offset, scale_log2, HEADS, GROU
         lo = lo * (lo > 0) // BLOCK_M * BLOCK_M
     for start_m in range(lo, L, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
-                    mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), other=0.0)
+        q = tl.load(
+            q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
+            mask=(offs_m[:, None] < L) & (offs_d[None, :] < D),
+            other=0.0,
+        )
         lse = tl.load(LSE + bh * L + offs_m, mask=offs_m < L, other=float("inf"))
         s = _scores(q, k_t, offs_m, offs_n, mask_ptr, L, S, offset, scale_log2, s_mm, s_mn, HAS_MASK, CAUSAL, IEEE)
         p = tl.exp2(s - lse[:, None])
@@ -154,13 +239,34 @@ def accumulated_attention(
     out = torch.empty((b, h, s_len), dtype=torch.float32, device=device)
     block_d = triton.next_power_of_2(d)
     block = _BLOCK if block_d <= 128 else _BLOCK // 2
-    common = (s_len - length, scale * _LOG2E, h, h // kv_heads, d,
-              *query.stride(), *key.stride(), s_mb, s_mh, s_mm, s_mn)
-    flags = dict(HAS_MASK=allowed is not None, CAUSAL=causal, IEEE=ieee,
-                 BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d)
+    common = (
+        s_len - length,
+        scale * _LOG2E,
+        h,
+        h // kv_heads,
+        d,
+        *query.stride(),
+        *key.stride(),
+        s_mb,
+        s_mh,
+        s_mm,
+        s_mn,
+    )
+    flags = dict(HAS_MASK=allowed is not None, CAUSAL=causal, IEEE=ieee, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d)
     _row_lse[(triton.cdiv(length, block), b * h)](query, key, mask, lse, length, s_len, *common, **flags)
     _key_sums[(triton.cdiv(s_len, block), b * h)](
-        query, key, mask, lse, valid, out, length, s_len, *common, s_vb, s_vm,
-        HAS_VALID=query_valid is not None, **flags,
+        query,
+        key,
+        mask,
+        lse,
+        valid,
+        out,
+        length,
+        s_len,
+        *common,
+        s_vb,
+        s_vm,
+        HAS_VALID=query_valid is not None,
+        **flags,
     )
     return out

@@ -17,8 +17,9 @@ from .modality import Modality
 from .report import LayerReport
 
 
-def layer_view(layer_idx, num_layers, keys, values, modality, keep_count, num_query_heads, window=None,
-               accumulated=None) -> LayerKV:
+def layer_view(
+    layer_idx, num_layers, keys, values, modality, keep_count, num_query_heads, window=None, accumulated=None
+) -> LayerKV:
     return LayerKV(
         layer_idx=layer_idx,
         num_layers=num_layers,
@@ -138,8 +139,15 @@ def compress_later_prompt(strategy, layer, idx, num_layers, num_query_heads, pro
     evicts = strategy.compress_prefill() and prompt.evicts(idx, device)
     if evicts:
         view = layer_view(
-            idx, num_layers, keys[:, :, start:], values[:, :, start:], modality, keep_count, num_query_heads,
-            None if window is None else window[..., start:], None if accumulated is None else accumulated[..., start:],
+            idx,
+            num_layers,
+            keys[:, :, start:],
+            values[:, :, start:],
+            modality,
+            keep_count,
+            num_query_heads,
+            None if window is None else window[..., start:],
+            None if accumulated is None else accumulated[..., start:],
         )
         plan = strategy.plan(view)
         kept_share = (plan.keep & valid[:, None, :]).sum(-1).float() / n_valid[:, None].clamp(min=1)
@@ -182,7 +190,13 @@ def compress_decode(strategy, layer: CompressedLayer, idx, num_layers, num_query
     if int(over.max()) < every:
         return False
     view = layer_view(
-        idx, num_layers, layer.keys, layer.values, modality, torch.minimum(state.cap, real.sum(-1)), num_query_heads,
+        idx,
+        num_layers,
+        layer.keys,
+        layer.values,
+        modality,
+        torch.minimum(state.cap, real.sum(-1)),
+        num_query_heads,
         accumulated=state.scores,
     )
     plan = strategy.plan(view)

@@ -42,7 +42,7 @@ class CompressedLayer(DynamicLayer):
         self.state = state
 
     @classmethod
-    def from_layer(cls, layer: DynamicLayer, state: LayerState) -> "CompressedLayer":
+    def from_layer(cls, layer: DynamicLayer, state: LayerState) -> CompressedLayer:
         return cls(layer.keys, layer.values, state)
 
     @property
@@ -112,7 +112,7 @@ class CompressedCache(DynamicCache):
     plain = True  # every compacted slot is real and the managed layers share one physical length
     rope_deltas: torch.Tensor | None = None
 
-    def fork(self) -> "CompressedCache":
+    def fork(self) -> CompressedCache:
         """An independent copy (tensors copied), e.g. one per question about a shared context."""
         return copy.deepcopy(self)
 
@@ -152,8 +152,7 @@ def check_cache(cache) -> None:
     for idx, layer in enumerate(cache.layers):
         if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer, CompressedLayer):
             raise ValueError(
-                f"kvpress-mm compresses {SUPPORTED_CACHES}; layer {idx} of this {name} is a "
-                f"{type(layer).__name__}"
+                f"kvpress-mm compresses {SUPPORTED_CACHES}; layer {idx} of this {name} is a {type(layer).__name__}"
             )
 
 

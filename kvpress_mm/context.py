@@ -46,8 +46,14 @@ class CompressedContext:
     def length(self) -> int:
         return self.inputs["input_ids"].shape[1]
 
-    def ask(self, questions, max_new_tokens: int = 32, batch_size: int | None = None, output_logits: bool = False,
-            **generate_kwargs) -> list[Answer]:
+    def ask(
+        self,
+        questions,
+        max_new_tokens: int = 32,
+        batch_size: int | None = None,
+        output_logits: bool = False,
+        **generate_kwargs,
+    ) -> list[Answer]:
         """Answer each question (1-D id tensors or lists of ids) on its own copy of the compressed cache.
 
         batch_size: questions per generate call (default: all at once); shorter questions are left-padded
@@ -63,8 +69,9 @@ class CompressedContext:
             raise ValueError(f"ask: batch_size must be an integer >= 1 or None, got {batch_size!r}")
         answers: list[Answer | None] = [None] * len(questions)
         for group in self._batches(questions, batch_size):
-            for i, answer in zip(group, self._ask_batch([questions[i] for i in group], max_new_tokens,
-                                                        output_logits, generate_kwargs)):
+            for i, answer in zip(
+                group, self._ask_batch([questions[i] for i in group], max_new_tokens, output_logits, generate_kwargs)
+            ):
                 answers[i] = answer
         return answers
 
@@ -89,8 +96,8 @@ class CompressedContext:
         new_ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
         new_mask = torch.zeros((n, width), dtype=self.inputs["attention_mask"].dtype, device=device)
         for row, q in enumerate(questions):
-            new_ids[row, width - len(q):] = q.to(device)
-            new_mask[row, width - len(q):] = 1
+            new_ids[row, width - len(q) :] = q.to(device)
+            new_mask[row, width - len(q) :] = 1
         inputs = {
             "input_ids": torch.cat([self.inputs["input_ids"].expand(n, -1), new_ids], dim=1),
             "attention_mask": torch.cat([self.inputs["attention_mask"].expand(n, -1), new_mask], dim=1),
@@ -105,10 +112,14 @@ class CompressedContext:
         kwargs = {"do_sample": False, **generate_kwargs}
         with self.strategy(self.model), _rope_deltas(self.model, self.cache, n):
             out = self.model.generate(
-                **inputs, cache=cache, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
-                output_logits=output_logits, **kwargs,
+                **inputs,
+                cache=cache,
+                max_new_tokens=max_new_tokens,
+                return_dict_in_generate=True,
+                output_logits=output_logits,
+                **kwargs,
             )
-        tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
+        tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
         logits = torch.stack(out.logits, dim=1).float() if output_logits else None
         return [Answer(tokens[i], None if logits is None else logits[i]) for i in range(n)]
 
@@ -134,8 +145,9 @@ def compress_context(model: torch.nn.Module, strategy, inputs: dict) -> Compress
 def _rope_deltas(model, cache, rows: int):
     """Qwen-VL keeps the prompt's M-RoPE offset on the model; give generate the context's for the call."""
     deltas = getattr(cache, "rope_deltas", None)
-    owner = next((m for m in (model, getattr(model, "model", None)) if m is not None and hasattr(m, "rope_deltas")),
-                 None)
+    owner = next(
+        (m for m in (model, getattr(model, "model", None)) if m is not None and hasattr(m, "rope_deltas")), None
+    )
     if deltas is None or owner is None:
         yield
         return

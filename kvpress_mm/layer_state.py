@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 
@@ -92,7 +92,7 @@ class LayerState:
         new = torch.arange(self.total, self.total + n_new, device=self.positions.device)
         return torch.cat([self.positions, new.expand(b, heads, n_new)], dim=-1)
 
-    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "LayerState":
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> LayerState:
         """The same layout with `fn` applied along the batch dimension (repeat, select, reorder rows)."""
         return replace(
             self,
@@ -132,8 +132,10 @@ def compacted_state(
     sizes = [counts.max(), counts.min()]
     if heads > 1:
         differs = (order != order[:, :1]).flatten(0, 1).any(0)
-        sizes += [(counts != counts[:, :1]).any().long(),
-                  torch.where(differs, torch.arange(length, device=keep.device), -1).max()]
+        sizes += [
+            (counts != counts[:, :1]).any().long(),
+            torch.where(differs, torch.arange(length, device=keep.device), -1).max(),
+        ]
     k_max, k_min, *per_head = torch.stack(sizes).tolist()
     index, slot_valid = index_from_order(order, counts, k_max)
     every_full = k_min == k_max
@@ -152,9 +154,7 @@ def compacted_state(
         labels = torch.full(index[:, 0].shape, int(Modality.TEXT), dtype=modality.dtype, device=modality.device)
     labels = labels.masked_fill(~slot_valid[:, 0], int(Modality.PAD))
     heads_out = max(heads, positions.shape[1])
-    new_positions = torch.gather(
-        positions.expand(-1, heads_out, -1), 2, index.expand(-1, heads_out, -1)
-    )
+    new_positions = torch.gather(positions.expand(-1, heads_out, -1), 2, index.expand(-1, heads_out, -1))
     if scores is not None:
         groups = scores.shape[1] // heads
         per_query_head = index.repeat_interleave(groups, dim=1) if heads > 1 else index.expand(-1, scores.shape[1], -1)

@@ -22,8 +22,9 @@ import importlib
 import pkgutil
 import threading
 import warnings
+from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
-from typing import Callable, Generic, Iterable, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 

@@ -41,8 +41,10 @@ def cache_size(cache) -> CacheSize:
 
 def _cache_hint(cache) -> str:
     """What was passed instead of a Cache, and what is accepted."""
-    accepted = ("a Cache with per-layer .layers, e.g. a DynamicCache such as "
-                "model.generate(..., return_dict_in_generate=True).past_key_values")
+    accepted = (
+        "a Cache with per-layer .layers, e.g. a DynamicCache such as "
+        "model.generate(..., return_dict_in_generate=True).past_key_values"
+    )
     if cache is None:
         got = "got None"
     elif isinstance(cache, (int, float, str)):

@@ -21,17 +21,33 @@ import math
 import os
 import platform
 import sys
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 MIB = 1024 * 1024
 
 # the sweep table: (column, header, how to read it from a run's JSON)
 TABLE_COLUMNS = (
-    "job", "strategy", "budget", "model", "task", "n_samples", "score", "full_score", "kept_fraction",
-    "kv_mib_before", "kv_mib_after", "prefill_s", "decode_tok_s", "peak_mib", "status", "error", "overrides",
+    "job",
+    "strategy",
+    "budget",
+    "model",
+    "task",
+    "n_samples",
+    "score",
+    "full_score",
+    "kept_fraction",
+    "kv_mib_before",
+    "kv_mib_after",
+    "prefill_s",
+    "decode_tok_s",
+    "peak_mib",
+    "status",
+    "error",
+    "overrides",
     "output_dir",
 )
 STATUS_COLUMNS = ("status", "error")  # left out of a Markdown table whose every row is ok
@@ -111,31 +127,36 @@ def comparison_rows(record: dict) -> list[dict]:
     """The strategy row and, when the run compared, the full-cache row (score, kept, KV MiB, speed)."""
     m = record["metrics"]
     before = m.get("kv_bytes_before")
-    rows = [{
-        "run": strategy_label(record),
-        "score": m.get("score"),
-        "kept": m.get("kept_fraction"),
-        "kv_mib_before": _mib(before),
-        "kv_mib_after": _mib(m.get("kv_bytes_after")),
-        "prefill_s": m.get("prefill_seconds"),
-        "decode_tok_s": m.get("decode_tokens_per_second"),
-    }]
+    rows = [
+        {
+            "run": strategy_label(record),
+            "score": m.get("score"),
+            "kept": m.get("kept_fraction"),
+            "kv_mib_before": _mib(before),
+            "kv_mib_after": _mib(m.get("kv_bytes_after")),
+            "prefill_s": m.get("prefill_seconds"),
+            "decode_tok_s": m.get("decode_tokens_per_second"),
+        }
+    ]
     full = m.get("full") if isinstance(m.get("full"), dict) else {}
     if m.get("full_score") is not None or full:
+
         def get(key):  # the runner reports the full cache either as metrics["full"][key] or metrics["full_<key>"]
             return full.get(key, m.get(f"full_{key}"))
 
         full_before = get("kv_bytes_before") if get("kv_bytes_before") is not None else before
         full_after = get("kv_bytes_after") if get("kv_bytes_after") is not None else full_before
-        rows.append({
-            "run": "full",
-            "score": get("score"),
-            "kept": get("kept_fraction") if get("kept_fraction") is not None else 1.0,
-            "kv_mib_before": _mib(full_before),
-            "kv_mib_after": _mib(full_after),
-            "prefill_s": get("prefill_seconds"),
-            "decode_tok_s": get("decode_tokens_per_second"),
-        })
+        rows.append(
+            {
+                "run": "full",
+                "score": get("score"),
+                "kept": get("kept_fraction") if get("kept_fraction") is not None else 1.0,
+                "kv_mib_before": _mib(full_before),
+                "kv_mib_after": _mib(full_after),
+                "prefill_s": get("prefill_seconds"),
+                "decode_tok_s": get("decode_tokens_per_second"),
+            }
+        )
     return rows
 
 
@@ -177,26 +198,28 @@ def table_rows(records: Iterable[dict]) -> list[dict]:
     for r in records:
         m, cfg = r.get("metrics", {}), r.get("config", {})
         strategy = cfg.get("strategy", {})
-        rows.append({
-            "job": r.get("job", {}).get("num"),
-            "strategy": strategy_label(r),
-            "budget": _budget_value(strategy),
-            "model": r.get("choices", {}).get("model") or _get(cfg, "model.name"),
-            "task": _get(cfg, "task.name"),
-            "n_samples": m.get("n_samples"),
-            "score": m.get("score"),
-            "full_score": m.get("full_score"),
-            "kept_fraction": m.get("kept_fraction"),
-            "kv_mib_before": _mib(m.get("kv_bytes_before")),
-            "kv_mib_after": _mib(m.get("kv_bytes_after")),
-            "prefill_s": m.get("prefill_seconds"),
-            "decode_tok_s": m.get("decode_tokens_per_second"),
-            "peak_mib": _mib(m.get("peak_memory_bytes")),
-            "status": run_status(r),
-            "error": r.get("error"),
-            "overrides": " ".join(r.get("overrides", [])),
-            "output_dir": r.get("job", {}).get("output_dir"),
-        })
+        rows.append(
+            {
+                "job": r.get("job", {}).get("num"),
+                "strategy": strategy_label(r),
+                "budget": _budget_value(strategy),
+                "model": r.get("choices", {}).get("model") or _get(cfg, "model.name"),
+                "task": _get(cfg, "task.name"),
+                "n_samples": m.get("n_samples"),
+                "score": m.get("score"),
+                "full_score": m.get("full_score"),
+                "kept_fraction": m.get("kept_fraction"),
+                "kv_mib_before": _mib(m.get("kv_bytes_before")),
+                "kv_mib_after": _mib(m.get("kv_bytes_after")),
+                "prefill_s": m.get("prefill_seconds"),
+                "decode_tok_s": m.get("decode_tokens_per_second"),
+                "peak_mib": _mib(m.get("peak_memory_bytes")),
+                "status": run_status(r),
+                "error": r.get("error"),
+                "overrides": " ".join(r.get("overrides", [])),
+                "output_dir": r.get("job", {}).get("output_dir"),
+            }
+        )
     return rows
 
 
@@ -299,8 +322,15 @@ def plot_score_vs_budget(rows: list[dict], path: str | Path) -> Path | None:
         for name in names:
             xy = sorted((float(r["budget"]), float(r["score"])) for r in these if r["strategy"] == name)
             if xy:
-                ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", markersize=3, label=name,
-                        color=colours[name], linestyle=styles[name])
+                ax.plot(
+                    [x for x, _ in xy],
+                    [y for _, y in xy],
+                    marker="o",
+                    markersize=3,
+                    label=name,
+                    color=colours[name],
+                    linestyle=styles[name],
+                )
         fulls = [float(r["full_score"]) for r in these if _is_number(r.get("full_score"))]
         if fulls:
             ax.axhline(sum(fulls) / len(fulls), linestyle="--", color="grey", label="full cache")
@@ -313,7 +343,7 @@ def plot_score_vs_budget(rows: list[dict], path: str | Path) -> Path | None:
         ax.set_xlabel("budget (fraction of prompt tokens kept)", fontsize=8)
         ax.set_ylabel("score", fontsize=8)
         ax.grid(True, alpha=0.3)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     if len(panels) == 1:
         axes[0].legend(fontsize=8)
@@ -324,16 +354,19 @@ def plot_score_vs_budget(rows: list[dict], path: str | Path) -> Path | None:
         for ax in axes[: len(panels)]:
             for handle, label in zip(*ax.get_legend_handles_labels()):
                 entries.setdefault(label, handle)
-        fig.legend(list(entries.values()), list(entries.keys()), loc="lower center", ncol=4, fontsize=8,
-                   frameon=False)
+        fig.legend(list(entries.values()), list(entries.keys()), loc="lower center", ncol=4, fontsize=8, frameon=False)
         fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return _write_atomic(path, buffer.getvalue())
 
 
-def write_sweep_summary(sweep_dir: str | Path, result_file: str = "result.json",
-                        newer_than: float | None = None, sources: Iterable[str | Path] | None = None) -> dict[str, Path]:
+def write_sweep_summary(
+    sweep_dir: str | Path,
+    result_file: str = "result.json",
+    newer_than: float | None = None,
+    sources: Iterable[str | Path] | None = None,
+) -> dict[str, Path]:
     """results.csv, results.md, scores.md (strategy x budget per task) and score_vs_budget.png in `sweep_dir`,
     from the run JSONs under `sources` (default: `sweep_dir` itself). Failed and interrupted points are rows
     of results.csv / results.md (status, error) but not of scores.md and the plot."""
@@ -370,7 +403,7 @@ def strategy_label(record: dict) -> str:
     changed = []
     for override in record.get("overrides", []):
         key, _, value = override.lstrip("+~").partition("=")
-        field = key[len("strategy."):] if key.startswith("strategy.") else None
+        field = key[len("strategy.") :] if key.startswith("strategy.") else None
         if field and field not in ("budget", "budget_tokens", "_target_"):
             changed.append(f"{field}={value}")
     return name + (f"[{','.join(changed)}]" if changed else "")

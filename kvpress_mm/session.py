@@ -78,7 +78,7 @@ class CompressionSession:
         self._active = False
 
     # ------------------------------------------------------------------ install / remove
-    def __enter__(self) -> "CompressionSession":
+    def __enter__(self) -> CompressionSession:
         if self._active:
             raise RuntimeError("this model is already inside a kvpress-mm strategy context; contexts do not nest")
         self.backend = self.hooks.install(self, self._before_forward, self._after_forward, self._after_attention)
@@ -86,7 +86,9 @@ class CompressionSession:
             _SLIDING_LOGGED.add(id(self.model))
             logger.info(
                 "%s: %d sliding-window layers are left uncompressed (%s)",
-                self.adapter.family, len(self.sliding), sorted(self.sliding),
+                self.adapter.family,
+                len(self.sliding),
+                sorted(self.sliding),
             )
         self._active = True
         return self
@@ -233,7 +235,12 @@ class CompressionSession:
             self._compress_prompt(cache, idx, layer, stats)
         elif prompt is None and isinstance(layer, CompressedLayer):
             if compress_decode(
-                self.strategy, layer, idx, self.num_layers, self._query_heads(idx), self.decode_mask_2d,
+                self.strategy,
+                layer,
+                idx,
+                self.num_layers,
+                self._query_heads(idx),
+                self.decode_mask_2d,
                 self.decode_every,
             ):
                 cache.compacted = True

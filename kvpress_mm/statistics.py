@@ -53,7 +53,9 @@ class Statistics:
         if self.needs.accumulated and plain and first_prompt and kwargs.get("is_causal", True):
             if attention_mask is None and query_valid is None:
                 fused = attention_with_accumulated(query, key, value, scale)
-            elif query_valid is not None and query.device.type == "cpu" and self._is_padding_mask(attention_mask, valid):
+            elif (
+                query_valid is not None and query.device.type == "cpu" and self._is_padding_mask(attention_mask, valid)
+            ):
                 fused = attention_with_accumulated(query, key, value, scale, key_valid=valid)
         if fused is not None:
             out, accumulated = fused

@@ -13,7 +13,6 @@ from .budget import kept_counts, validate_budget
 from .layer import AttentionNeeds, LayerKV, Plan
 from .validate import check_choice, check_int, warn_ignored
 
-
 PHASES = ("prefill", "decode", "both")
 # which prompts a cache compresses: its first one only (later turns and questions are read as they are), or
 # every prompt (each later turn's new tokens are compressed to the budget too, the past kept as it is)

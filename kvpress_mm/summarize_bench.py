@@ -1,4 +1,6 @@
-"""`python -m kvpress_mm.summarize_bench OUT BENCH_JSON [BENCH_JSON ...] [--length N]`: one report of several bench runs.
+"""One report of several bench runs.
+
+    python -m kvpress_mm.summarize_bench OUT BENCH_JSON [BENCH_JSON ...] [--length N]
 
 Merges the records of several `kvpress-mm bench` runs (e.g. the short prompts of every model in one run,
 8k on the tiny model in another) and writes what one run writes (bench.json, bench.md, bench_summary.md,
@@ -18,8 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="folder for bench.json, bench.md, bench_summary.md, bench.png")
     p.add_argument("inputs", nargs="+", help="bench.json files of earlier runs")
     p.add_argument("--budget", type=float, default=0.2, help="budget of the summary table (default 0.2)")
-    p.add_argument("--length", type=int, default=None,
-                   help="summary at the longest prompt not above this (default: each model's longest)")
+    p.add_argument(
+        "--length",
+        type=int,
+        default=None,
+        help="summary at the longest prompt not above this (default: each model's longest)",
+    )
     args = p.parse_args(argv)
     records = merge(args.inputs)
     if not records:

@@ -113,7 +113,12 @@ def check_number(
 
 
 def check_fraction(
-    owner: str, name: str, value, low_open: bool = False, high_open: bool = False, allow_none: bool = False,
+    owner: str,
+    name: str,
+    value,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: bool = False,
     hint: str = "",
 ):
     """`value` if it is a number in [0, 1] (each end open on request: low_open gives (0, 1])."""

@@ -9,7 +9,9 @@ torch.set_num_threads(1)
 
 def pytest_addoption(parser):
     # the tiny-model tests (helpers.tiny) run on this device; CI uses the CPU, a GPU machine passes --device cuda
-    parser.addoption("--device", default="cpu", help="torch device for the tiny models of the tests (cpu, cuda, cuda:1)")
+    parser.addoption(
+        "--device", default="cpu", help="torch device for the tiny models of the tests (cpu, cuda, cuda:1)"
+    )
 
 
 def pytest_configure(config):

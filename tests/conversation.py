@@ -128,7 +128,11 @@ def expanded(cache) -> DynamicCache:
 
 def generate(model, inputs, steps, cache=None):
     out = model.generate(
-        **inputs, cache=cache, max_new_tokens=steps, do_sample=False, output_logits=True,
+        **inputs,
+        cache=cache,
+        max_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
         return_dict_in_generate=True,
     )
     return out.sequences, torch.stack(out.logits, dim=1).float(), out.past_key_values

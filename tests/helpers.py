@@ -25,7 +25,7 @@ TEXT_ROWS = [[("text", 48)], [("text", 37)]]
 DEVICE = torch.device("cpu")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny(family: str, dtype: torch.dtype = torch.float32):
     return build_tiny(family, dtype=dtype, device=DEVICE)
 

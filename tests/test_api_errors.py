@@ -10,13 +10,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import generate, rows_for, tiny
 
 import kvpress_mm
 from kvpress_mm.adapters import adapter_for
 from kvpress_mm.budget import kept_counts
 from kvpress_mm.testing import TINY_FAMILIES, build_tiny
-
-from helpers import generate, rows_for, tiny
 
 
 @pytest.mark.parametrize("budget", [0, 0.0, -0.1, 1.0001, 7, math.nan, "0.2", None, True, float("inf")])
@@ -118,8 +117,9 @@ def test_entry_point_plugin(tmp_path):
     # the installed kvpress_mm (an install --target adds its folder to PYTHONPATH), never the source folder
     path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)
     env = {"PYTHONPATH": path, "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
-                            cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "plugin ok" in result.stdout
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -125,7 +124,7 @@ def test_accumulated_under_a_mask_over_several_chunks(block):
     k = torch.randn(2, 2, length, 8)
     allowed = _causal(length).repeat(2, 1, 1, 1)
     if block is not None:
-        allowed[:, :, block[0]:block[1], block[0]:block[1]] = True
+        allowed[:, :, block[0] : block[1], block[0] : block[1]] = True
     allowed[1, :, :, :pad] = False
     valid = torch.ones(2, length, dtype=torch.bool)
     valid[1, :pad] = False

@@ -8,11 +8,13 @@ The torch form is itself checked against eager probabilities in test_attention_s
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
 import helpers  # noqa: E402
+
 from kvpress_mm.attention_stats import accumulated_attention, hides_future  # noqa: E402
 
 
@@ -66,8 +68,9 @@ def _padding_mask(batch, length, s_len, pads):
 )
 def test_causal_sums_match_torch(interpreted, seed, kv_heads, groups, length, extra_keys, head_dim):
     q, k, scale = _case(seed, 1, kv_heads, groups, length, extra_keys, head_dim)
-    torch.testing.assert_close(interpreted.accumulated_attention(q, k, scale), accumulated_attention(q, k, scale),
-                               atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        interpreted.accumulated_attention(q, k, scale), accumulated_attention(q, k, scale), atol=2e-5, rtol=1e-5
+    )
 
 
 @settings(max_examples=10, deadline=None)
@@ -97,8 +100,9 @@ def test_bidirectional_blocks_and_per_head_masks(interpreted):
     assert not hides_future(allowed)
     for mask in (allowed, per_head):
         expected = accumulated_attention(q, k, scale, mask, query_valid)
-        torch.testing.assert_close(interpreted.accumulated_attention(q, k, scale, mask, query_valid), expected,
-                                   atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            interpreted.accumulated_attention(q, k, scale, mask, query_valid), expected, atol=2e-5, rtol=1e-5
+        )
 
 
 def test_half_precision_inputs(interpreted):
@@ -139,9 +143,10 @@ def test_compiled_kernels_on_cuda(monkeypatch, dtype):
         if not any(pads):
             allowed = query_valid = None
         cpu = accumulated_attention(q, k, scale, allowed, query_valid)
-        move = (lambda t: None if t is None else t.to(helpers.DEVICE))
-        got = accumulated_attention(*map(move, (q, k)), scale, move(allowed), move(query_valid),
-                                    within_causal=allowed is not None).cpu()
+        move = lambda t: None if t is None else t.to(helpers.DEVICE)
+        got = accumulated_attention(
+            *map(move, (q, k)), scale, move(allowed), move(query_valid), within_causal=allowed is not None
+        ).cpu()
         monkeypatch.setenv("KVPRESS_MM_TRITON", "0")
         torch_cuda = accumulated_attention(*map(move, (q, k)), scale, move(allowed), move(query_valid)).cpu()
         monkeypatch.delenv("KVPRESS_MM_TRITON")

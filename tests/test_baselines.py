@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from helpers import TEXT_ROWS, generate
 
 import kvpress_mm
 from kvpress_mm.testing import build_tiny
-
-from helpers import TEXT_ROWS, generate
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +109,10 @@ def test_adakv_rule(llama):
     probs = _eager_probs(llama.model, inputs)
     budget, window, alpha = 0.3, 4, 0.25
     strategy = kvpress_mm.get_strategy(
-        "adakv", budget=budget, inner="snapkv", inner_fields={"window_size": window, "kernel_size": 1},
+        "adakv",
+        budget=budget,
+        inner="snapkv",
+        inner_fields={"window_size": window, "kernel_size": 1},
         alpha_safeguard=alpha,
     )
     with strategy(llama.model) as press:
@@ -124,7 +126,8 @@ def test_adakv_rule(llama):
             win = real[-min(window, keep) :]
             score = {
                 (h, j): sum(float(p[b, g, i, j]) for g in (2 * h, 2 * h + 1) for i in win) / 2
-                for h in range(2) for j in real
+                for h in range(2)
+                for j in real
             }
             chosen = set()
             for h in range(2):

@@ -10,8 +10,13 @@ from kvpress_mm.bench.memory import peak_memory
 
 def test_bench_smoke(tmp_path):
     settings = BenchSettings(
-        models=["micro"], lengths=[96], strategies=["snapkv", "h2o"], budgets=[0.2], repeats=1,
-        decode_tokens=3, output_dir=str(tmp_path),
+        models=["micro"],
+        lengths=[96],
+        strategies=["snapkv", "h2o"],
+        budgets=[0.2],
+        repeats=1,
+        decode_tokens=3,
+        output_dir=str(tmp_path),
     )
     records = run_benchmark(settings)
     names = [r["strategy"] for r in records]
@@ -54,13 +59,15 @@ def test_rounds_share_plain_runs_between_neighbours(monkeypatch):
     runner.measure_rounds(None, None, points, settings, None)
     # round: plain, 2 points, plain, 2 points, plain, 2 points, plain
     assert len(calls) == 3 * (6 + 4)
-    rounds = [calls[i * 10:(i + 1) * 10] for i in range(3)]
+    rounds = [calls[i * 10 : (i + 1) * 10] for i in range(3)]
     for r in rounds:
-        assert r[0] == r[3] == r[6] == r[9] == "plain" and sorted(x for x in r if x != "plain") == sorted("abcde") + ["eager"]
+        assert r[0] == r[3] == r[6] == r[9] == "plain" and sorted(x for x in r if x != "plain") == sorted("abcde") + [
+            "eager"
+        ]
     assert len({tuple(r) for r in rounds}) == 3  # the order changes from round to round
     for p in points:
         assert len(p.runs) == len(p.plain) == 3
-        for (t, mem, dec), (pt, pmem, pdec) in zip(p.runs, p.plain):
+        for (t, _mem, dec), (pt, pmem, pdec) in zip(p.runs, p.plain):
             i = int(t) - 1  # position of the point's run; its neighbours are the plain runs around its group
             prev = max(j for j in range(i) if calls[j] == "plain")
             nxt = min(j for j in range(i, len(calls)) if calls[j] == "plain")
@@ -68,15 +75,25 @@ def test_rounds_share_plain_runs_between_neighbours(monkeypatch):
             assert (dec is None) == p.eager and pdec == pt
     record = runner.record_of(points[0])
     assert record["prefill_ratio"] == pytest.approx(
-        sorted(r[0] for r in points[0].runs)[1] / sorted(r[0] for r in points[0].plain)[1])
+        sorted(r[0] for r in points[0].runs)[1] / sorted(r[0] for r in points[0].plain)[1]
+    )
     assert "decode_ratio" in record and "decode_ratio" not in runner.record_of(points[-1])
     with pytest.raises(ValueError, match="plain_every"):
         BenchSettings(plain_every=0)
 
 
 def _record(model, length, strategy, prefill):
-    return {"model": model, "length": length, "strategy": strategy, "budget": 0.2, "prefill_ratio": prefill,
-            "decode_ratio": 0.5, "kv_ratio": 0.2, "peak_memory_ratio": 0.7, "plain_prefill_seconds": 1.0}
+    return {
+        "model": model,
+        "length": length,
+        "strategy": strategy,
+        "budget": 0.2,
+        "prefill_ratio": prefill,
+        "decode_ratio": 0.5,
+        "kv_ratio": 0.2,
+        "peak_memory_ratio": 0.7,
+        "plain_prefill_seconds": 1.0,
+    }
 
 
 def test_report_merges_runs_and_picks_the_summary_length(tmp_path):
@@ -84,18 +101,34 @@ def test_report_merges_runs_and_picks_the_summary_length(tmp_path):
     from kvpress_mm.bench import report
 
     first = tmp_path / "a.json"
-    first.write_text(json.dumps({"records": [_record("tiny", 1024, "h2o", 1.5), _record("tiny", 4096, "h2o", 1.4),
-                                             _record("mid", 1024, "h2o", 1.2)]}))
+    first.write_text(
+        json.dumps(
+            {
+                "records": [
+                    _record("tiny", 1024, "h2o", 1.5),
+                    _record("tiny", 4096, "h2o", 1.4),
+                    _record("mid", 1024, "h2o", 1.2),
+                ]
+            }
+        )
+    )
     second = tmp_path / "b.json"
     second.write_text(json.dumps({"records": [_record("tiny", 4096, "h2o", 1.3), _record("tiny", 8192, "h2o", 1.25)]}))
     assert summarize_bench.main([str(tmp_path / "out"), str(first), str(second), "--length", "4096"]) == 0
     merged = json.loads((tmp_path / "out" / "bench.json").read_text())["records"]
-    assert [(r["model"], r["length"]) for r in merged] == [("tiny", 1024), ("tiny", 4096), ("tiny", 8192), ("mid", 1024)]
+    assert [(r["model"], r["length"]) for r in merged] == [
+        ("tiny", 1024),
+        ("tiny", 4096),
+        ("tiny", 8192),
+        ("mid", 1024),
+    ]
     assert [r["prefill_ratio"] for r in merged if r["length"] == 4096] == [1.3]  # the later run wins
     summary = (tmp_path / "out" / "bench_summary.md").read_text().splitlines()
     # tiny at 4096 (8192 is above --length), mid at its longest, 1024
-    assert summary[0] == ("| strategy | tiny @ 4096: prefill | tiny @ 4096: decode | tiny @ 4096: peak mem | "
-                          "mid @ 1024: prefill | mid @ 1024: decode | mid @ 1024: peak mem |")
+    assert summary[0] == (
+        "| strategy | tiny @ 4096: prefill | tiny @ 4096: decode | tiny @ 4096: peak mem | "
+        "mid @ 1024: prefill | mid @ 1024: decode | mid @ 1024: peak mem |"
+    )
     assert summary[2].startswith("| h2o | 1.30 | 0.50 | 0.70 | 1.20 |")
     assert "tiny @ 8192" in report.summary_table(merged)
     assert "machine" not in report.markdown_table(merged)
@@ -112,8 +145,20 @@ def test_runs_in_two_dtypes_stay_two_series(tmp_path):
     fp32 = tmp_path / "fp32.json"
     fp32.write_text(json.dumps({"settings": {"dtype": "float32"}, "records": [_record("mid", 4096, "h2o", 1.1)]}))
     bf16 = tmp_path / "bf16.json"
-    bf16.write_text(json.dumps({"records": [{**_record("mid", 4096, "h2o", 2.8), "dtype": "bfloat16",
-                                              "device": "cuda", "machine": "NVIDIA H200"}]}))
+    bf16.write_text(
+        json.dumps(
+            {
+                "records": [
+                    {
+                        **_record("mid", 4096, "h2o", 2.8),
+                        "dtype": "bfloat16",
+                        "device": "cuda",
+                        "machine": "NVIDIA H200",
+                    }
+                ]
+            }
+        )
+    )
     merged = report.merge([fp32, bf16])
     assert [(r["dtype"], r["prefill_ratio"]) for r in merged] == [("float32", 1.1), ("bfloat16", 2.8)]
     assert report.series_labels(merged) == ["mid float32 cpu", "mid bfloat16 cuda"]
@@ -163,8 +208,16 @@ def test_padded_batch_bench(tmp_path):
     """batch=3, padding=0.5: rows padded by 0, 1/4 and 1/2 of the prompt; every row keeps floor(0.25 * its
     real tokens) and decoding continues the padded batch."""
     settings = BenchSettings(
-        models=["micro"], lengths=[96], strategies=["h2o"], budgets=[0.25], repeats=1, decode_tokens=2,
-        batch=3, padding=0.5, eager_reference=False, output_dir=str(tmp_path),
+        models=["micro"],
+        lengths=[96],
+        strategies=["h2o"],
+        budgets=[0.25],
+        repeats=1,
+        decode_tokens=2,
+        batch=3,
+        padding=0.5,
+        eager_reference=False,
+        output_dir=str(tmp_path),
     )
     [record] = run_benchmark(settings)
     assert record["batch"] == 3 and record["padding"] == 0.5 and record["decode_ratio"] > 0

@@ -10,9 +10,16 @@ torch.set_num_threads(1)
 
 
 @settings(max_examples=30, deadline=None)
-@given(b=st.integers(1, 3), h=st.integers(1, 4), length=st.integers(1, 40), n=st.integers(1, 50),
-       d=st.sampled_from([1, 4, 8]), shared=st.booleans(), seed=st.integers(0, 2**16),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+@given(
+    b=st.integers(1, 3),
+    h=st.integers(1, 4),
+    length=st.integers(1, 40),
+    n=st.integers(1, 50),
+    d=st.sampled_from([1, 4, 8]),
+    shared=st.booleans(),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+)
 def test_position_helpers_match_gather_and_scatter(b, h, length, n, d, shared, seed, dtype):
     g = torch.Generator().manual_seed(seed)
     states = torch.randn(b, h, length, d, generator=g).to(dtype)

@@ -124,7 +124,9 @@ def test_compact_index_left_pads_and_preserves_order(keep):
         assert index[b, 0, index.shape[-1] - n :].tolist() == torch.nonzero(keep[b, 0]).flatten().tolist()
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(
     budget=st.floats(0.05, 1.0),
     lengths=st.lists(st.integers(3, 30), min_size=1, max_size=3),
@@ -132,9 +134,8 @@ def test_compact_index_left_pads_and_preserves_order(keep):
 )
 def test_cache_lengths_in_generate_follow_budget(budget, lengths, name):
     """Inside a real model.generate(): every layer holds max-over-rows(budget rule) prompt slots."""
-    from transformers import DynamicCache
-
     from helpers import tiny
+    from transformers import DynamicCache
 
     t = tiny("llava")
     rows = [[("text", n), ("image",), ("text", 3)] for n in lengths]

@@ -4,14 +4,12 @@ nothing), and a malformed plan is reported with the strategy's name and the shap
 from dataclasses import dataclass
 
 import pytest
-import torch
+from helpers import generate, rows_for, tiny
 from transformers import DynamicCache, StaticCache
 
 import kvpress_mm
 from kvpress_mm.layer import Plan
 from kvpress_mm.strategy import EvictionStrategy
-
-from helpers import generate, rows_for, tiny
 
 
 @pytest.mark.parametrize("family", ["llama", "llava"])

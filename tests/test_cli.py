@@ -68,14 +68,30 @@ def _install_plugin(root: Path) -> dict:
 def test_single_run_with_target_class_writes_result_json_and_prints_table(tmp_path):
     """A single run; its strategy is a class given by import path (a plugin that is not registered)."""
     env = _install_plugin(tmp_path / "site")
-    result = ok(kvpress_mm(
-        ["model=tiny_llava", "strategy._target_=kvmm_cli_plugin.KeepLast", "strategy.tail=3", "strategy.budget=0.25",
-         "task.num_images=1", *TINY], cwd=tmp_path, extra_env=env))
+    result = ok(
+        kvpress_mm(
+            [
+                "model=tiny_llava",
+                "strategy._target_=kvmm_cli_plugin.KeepLast",
+                "strategy.tail=3",
+                "strategy.budget=0.25",
+                "task.num_images=1",
+                *TINY,
+            ],
+            cwd=tmp_path,
+            extra_env=env,
+        )
+    )
     # the default output dir (outputs/<date>/<time>_<strategy option>) under the working directory
     (path,) = tmp_path.glob("outputs/*/*_target/result.json")
     record = json.loads(path.read_text())
     assert record["config"]["strategy"] == {
-        "_target_": "kvmm_cli_plugin.KeepLast", "budget": 0.25, "budget_tokens": None, "compress": "first_prompt", "tail": 3}
+        "_target_": "kvmm_cli_plugin.KeepLast",
+        "budget": 0.25,
+        "budget_tokens": None,
+        "compress": "first_prompt",
+        "tail": 3,
+    }
     assert record["config"]["model"]["name"] == "tiny_llava"
     assert record["choices"]["strategy"] == "target"
     m = record["metrics"]
@@ -92,13 +108,28 @@ def test_single_run_with_target_class_writes_result_json_and_prints_table(tmp_pa
 def test_multirun_with_entry_point_plugin_aggregates_table_and_plot(tmp_path):
     """A sweep (basic launcher) over a built-in strategy and one registered by another package's entry point."""
     env = _install_plugin(tmp_path / "site")
-    result = ok(kvpress_mm(
-        ["-m", "model=tiny_llama", "strategy=h2o,keep_first", "strategy.budget=0.2,0.5", *TINY,
-         "hydra.sweep.dir=sweep"], cwd=tmp_path, extra_env=env))
+    result = ok(
+        kvpress_mm(
+            [
+                "-m",
+                "model=tiny_llama",
+                "strategy=h2o,keep_first",
+                "strategy.budget=0.2,0.5",
+                *TINY,
+                "hydra.sweep.dir=sweep",
+            ],
+            cwd=tmp_path,
+            extra_env=env,
+        )
+    )
     sweep = tmp_path / "sweep"
     records = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/result.json"))]
     assert sorted((r["config"]["strategy"]["name"], r["config"]["strategy"]["budget"]) for r in records) == [
-        ("h2o", 0.2), ("h2o", 0.5), ("keep_first", 0.2), ("keep_first", 0.5)]
+        ("h2o", 0.2),
+        ("h2o", 0.5),
+        ("keep_first", 0.2),
+        ("keep_first", 0.5),
+    ]
     assert all(abs(r["metrics"]["kept_fraction"] - r["config"]["strategy"]["budget"]) < 0.05 for r in records)
     lines = (sweep / "results.csv").read_text().strip().splitlines()
     assert len(lines) == 5 and lines[0].startswith("job,strategy,budget,model,task")
@@ -110,9 +141,20 @@ def test_multirun_with_entry_point_plugin_aggregates_table_and_plot(tmp_path):
 
 
 def test_multirun_with_joblib_launcher(tmp_path):
-    result = ok(kvpress_mm(
-        ["-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2", "model=tiny_llama", "strategy=knorm,tova", *TINY,
-         "hydra.sweep.dir=sweep"], cwd=tmp_path))
+    result = ok(
+        kvpress_mm(
+            [
+                "-m",
+                "hydra/launcher=local",
+                "hydra.launcher.n_jobs=2",
+                "model=tiny_llama",
+                "strategy=knorm,tova",
+                *TINY,
+                "hydra.sweep.dir=sweep",
+            ],
+            cwd=tmp_path,
+        )
+    )
     assert "Joblib.Parallel" in result.stdout + result.stderr
     rows = (tmp_path / "sweep" / "results.csv").read_text().strip().splitlines()[1:]
     assert sorted(r.split(",")[1] for r in rows) == ["knorm", "tova"]
@@ -128,12 +170,19 @@ def test_bad_override_is_one_line(tmp_path):
     assert not (tmp_path / "multirun").exists()  # failed before any job started, even the good one
 
 
-
-
 def test_bench_command_writes_json_table_and_plot(tmp_path):
     result = kvpress_mm(
-        ["bench", "models=[micro]", "lengths=[48]", "strategies=[snapkv]", "budgets=[0.25]", "repeats=1",
-         "decode_tokens=2", "eager_reference=false", f"hydra.run.dir={tmp_path / 'b'}"],
+        [
+            "bench",
+            "models=[micro]",
+            "lengths=[48]",
+            "strategies=[snapkv]",
+            "budgets=[0.25]",
+            "repeats=1",
+            "decode_tokens=2",
+            "eager_reference=false",
+            f"hydra.run.dir={tmp_path / 'b'}",
+        ],
         cwd=tmp_path,
     )
     ok(result)

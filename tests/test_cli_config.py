@@ -155,14 +155,26 @@ def test_commands_and_target_shortcut():
 def _record(strategy, budget, score, num):
     return {
         "job": {"num": num},
-        "config": {"strategy": {"name": strategy, "budget": budget}, "model": {"name": "tiny_llama"},
-                   "task": {"name": "fidelity"}},
+        "config": {
+            "strategy": {"name": strategy, "budget": budget},
+            "model": {"name": "tiny_llama"},
+            "task": {"name": "fidelity"},
+        },
         "choices": {"model": "tiny_llama", "strategy": strategy},
         "overrides": [f"strategy={strategy}", f"strategy.budget={budget}"],
-        "metrics": {"score": score, "full_score": 1.0, "kept_fraction": budget, "kv_bytes_before": 2**20,
-                    "kv_bytes_after": budget * 2**20, "prefill_seconds": 0.1, "decode_tokens_per_second": 50.0,
-                    "full_prefill_seconds": 0.08, "full_decode_tokens_per_second": 55.0, "n_samples": 2,
-                    "peak_memory_bytes": None},
+        "metrics": {
+            "score": score,
+            "full_score": 1.0,
+            "kept_fraction": budget,
+            "kv_bytes_before": 2**20,
+            "kv_bytes_after": budget * 2**20,
+            "prefill_seconds": 0.1,
+            "decode_tokens_per_second": 50.0,
+            "full_prefill_seconds": 0.08,
+            "full_decode_tokens_per_second": 55.0,
+            "n_samples": 2,
+            "peak_memory_bytes": None,
+        },
     }
 
 
@@ -184,9 +196,12 @@ def test_summary_of_several_sweeps_pivots_by_task_and_names_variants(tmp_path):
     from kvpress_mm.results import strategy_label
     from kvpress_mm.summarize import main as summarize
 
-    runs = [("h2o", 0.1, 0.5, "fidelity", []), ("h2o", 0.5, 0.9, "fidelity", []),
-            ("look_m", 0.1, 0.25, "text_needle", ["strategy.merge_scope=same_modality"]),
-            ("look_m", 0.1, 0.75, "text_needle", [])]
+    runs = [
+        ("h2o", 0.1, 0.5, "fidelity", []),
+        ("h2o", 0.5, 0.9, "fidelity", []),
+        ("look_m", 0.1, 0.25, "text_needle", ["strategy.merge_scope=same_modality"]),
+        ("look_m", 0.1, 0.75, "text_needle", []),
+    ]
     for i, (s, b, score, task, extra) in enumerate(runs):
         record = _record(s, b, score, i)
         record["config"]["task"]["name"] = task

@@ -17,8 +17,14 @@ from kvpress_mm.cli import main, select_target_option
 from kvpress_mm.eval import runner as runner_mod
 
 # the cheapest meaningful run (as in test_cli.py): fidelity on a tiny random model, 1 sample, 2 new tokens
-TINY = ["model=tiny_llama", "task=fidelity", "task.n_samples=1", "task.max_new_tokens=2", "task.context_tokens=48",
-        "progress=false"]
+TINY = [
+    "model=tiny_llama",
+    "task=fidelity",
+    "task.n_samples=1",
+    "task.max_new_tokens=2",
+    "task.context_tokens=48",
+    "progress=false",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -124,8 +130,11 @@ def test_bench_device_uses_the_same_check(capsys, monkeypatch, no_model, tmp_pat
 
 @pytest.mark.parametrize("backend", ["flash_attention_2", "flex_attention"])
 def test_attention_backend_kvpress_mm_does_not_compress_is_one_line(backend, capsys, no_model):
-    line = one_error_line(["model=mini_llava", "task=fidelity", f"model.attn_implementation={backend}"], capsys,
-                          "model.attn_implementation")
+    line = one_error_line(
+        ["model=mini_llava", "task=fidelity", f"model.attn_implementation={backend}"],
+        capsys,
+        "model.attn_implementation",
+    )
     assert f"'{backend}'" in line and line.endswith("choose one of: sdpa, eager")
 
 

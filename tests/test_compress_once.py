@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from conversation import HeldReference, turn_ids
+from helpers import tiny
 
 import kvpress_mm
 from kvpress_mm.testing import TINY_FAMILIES
-
-from conversation import HeldReference, turn_ids
-from helpers import tiny
 
 CONTEXT = {True: [[("text", 9), ("image",), ("text", 14), ("image",), ("text", 6)]], False: [[("text", 60)]]}
 
@@ -44,14 +43,23 @@ def test_answers_equal_the_masked_reference(family):
     held = [{i: k.clone() for i, k in context.cache.kept_positions().items()}]
     ids = torch.cat([inputs["input_ids"], questions[0][None]], dim=1)
     mask = torch.ones_like(ids)
-    extra = {k: torch.cat([v, v.new_zeros((1, questions[0].numel()))], dim=1)
-             for k, v in inputs.items() if k in ("mm_token_type_ids", "token_type_ids")}
+    extra = {
+        k: torch.cat([v, v.new_zeros((1, questions[0].numel()))], dim=1)
+        for k, v in inputs.items()
+        if k in ("mm_token_type_ids", "token_type_ids")
+    }
     with torch.no_grad():  # an uncompressed prefill of the context, then the question on the full cache
         prefill = t.model(**inputs, use_cache=True)
     with HeldReference(t.model, held, first_forward=1):
         out = t.model.generate(
-            input_ids=ids, attention_mask=mask, cache=prefill.cache, max_new_tokens=4, do_sample=False,
-            output_logits=True, return_dict_in_generate=True, **extra,
+            input_ids=ids,
+            attention_mask=mask,
+            cache=prefill.cache,
+            max_new_tokens=4,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **extra,
         )
     torch.testing.assert_close(answers[0].logits, torch.stack(out.logits, 1)[0].float(), atol=1e-4, rtol=0)
 

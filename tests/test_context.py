@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from helpers import generate, parameters_snapshot, rows_for, tiny
 
 import kvpress_mm
 from kvpress_mm.adapters import adapter_for
-
-from helpers import generate, parameters_snapshot, rows_for, tiny
 
 
 def _hook_count(model):

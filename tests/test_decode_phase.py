@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from helpers import generate, tiny
 
 import kvpress_mm
-
-from helpers import generate, tiny
 
 STEPS = 30
 

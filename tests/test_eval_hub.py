@@ -31,8 +31,15 @@ def tokenizer():
 
 
 def _text_config(vocab: int) -> dict:
-    return dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16)
+    return dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +57,27 @@ def vlm_folder(tokenizer, tmp_path_factory):
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
-        tokenizer=tokenizer, patch_size=4, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        image_token="<image>", chat_template=TEMPLATE,
+        tokenizer=tokenizer,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+        chat_template=TEMPLATE,
     )
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                       image_size=16, patch_size=4, projection_dim=32),
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=4,
+            projection_dim=32,
+        ),
         text_config=LlamaConfig(**_text_config(len(tokenizer))),
-        image_token_index=image_id, image_seq_length=16, vision_feature_select_strategy="default",
+        image_token_index=image_id,
+        image_seq_length=16,
+        vision_feature_select_strategy="default",
         vision_feature_layer=-2,
     )
     torch.manual_seed(0)
@@ -95,6 +115,6 @@ def test_hub_text_lm_from_a_local_folder(tokenizer, tmp_path):
     inputs = bundle.prepare(samples)
     assert inputs["input_ids"].shape[0] == 2 and inputs["attention_mask"][:, -1].all()
     out = bundle.model.generate(**inputs, max_new_tokens=2, do_sample=False, **bundle.generate_kwargs)
-    assert len(bundle.decode(out[:, inputs["input_ids"].shape[1]:])) == 2
+    assert len(bundle.decode(out[:, inputs["input_ids"].shape[1] :])) == 2
     with pytest.raises(ValueError, match="text-only"):
         bundle.prepare(get_task("text_needle", n_samples=1, num_images=1, context_tokens=50).samples())

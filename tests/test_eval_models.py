@@ -50,7 +50,13 @@ def _samples(n_images: int = 2) -> list[Sample]:
     rng = random.Random(0)
     return [
         Sample("a", ["one two three four", synthetic_image(rng), "five six"], ""),
-        Sample("b", ["seven", synthetic_image(rng), "eight nine ten eleven twelve", synthetic_image(rng), "x y"][: 3 + n_images], ""),
+        Sample(
+            "b",
+            ["seven", synthetic_image(rng), "eight nine ten eleven twelve", synthetic_image(rng), "x y"][
+                : 3 + n_images
+            ],
+            "",
+        ),
         Sample("c", ["only text here"], ""),
     ]
 
@@ -87,7 +93,7 @@ def test_tiny_prepare_is_deterministic_and_batch_invariant(bundles, family):
     assert ids[0] == ids[2] and all(low <= i < high for i in ids)
     out = bundle.model.generate(**batch, max_new_tokens=2, do_sample=False, **bundle.generate_kwargs)
     assert out.shape[0] == 3
-    texts = bundle.decode(out[:, batch["input_ids"].shape[1]:])
+    texts = bundle.decode(out[:, batch["input_ids"].shape[1] :])
     assert len(texts) == 3 and all(t.startswith("<") for t in texts)
 
 

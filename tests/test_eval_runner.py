@@ -13,8 +13,17 @@ from kvpress_mm.eval import runner as runner_mod
 from kvpress_mm.eval.metrics import fidelity, next_token_kl
 
 CONTRACT_KEYS = {
-    "score", "full_score", "kept_fraction", "kv_bytes_before", "kv_bytes_after", "prefill_seconds",
-    "decode_tokens_per_second", "peak_memory_bytes", "n_samples", "samples", "notes",
+    "score",
+    "full_score",
+    "kept_fraction",
+    "kv_bytes_before",
+    "kv_bytes_after",
+    "prefill_seconds",
+    "decode_tokens_per_second",
+    "peak_memory_bytes",
+    "n_samples",
+    "samples",
+    "notes",
 }
 
 
@@ -44,8 +53,13 @@ def low_budget(llava, fid_task):
 
 def test_metric_basics():
     a = torch.randn(5, 50)
-    assert fidelity(a, a.clone()) == {"kl": 0.0, "agreement": 1.0, "prefix_agreement": 1.0, "steps": 5,
-                                      "matched_prefix": 5}
+    assert fidelity(a, a.clone()) == {
+        "kl": 0.0,
+        "agreement": 1.0,
+        "prefix_agreement": 1.0,
+        "steps": 5,
+        "matched_prefix": 5,
+    }
     b = a.clone()
     b[2] = -b[2]
     m = fidelity(a, b)
@@ -57,8 +71,14 @@ def test_metric_basics():
     assert float(next_token_kl(p, q)) == pytest.approx(float(expected))
 
 
-@pytest.mark.parametrize("strategy", [kvpress_mm.get_strategy("full"), kvpress_mm.get_strategy("snapkv", budget=1.0),
-                                      kvpress_mm.get_strategy("h2o", budget=1.0)])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        kvpress_mm.get_strategy("full"),
+        kvpress_mm.get_strategy("snapkv", budget=1.0),
+        kvpress_mm.get_strategy("h2o", budget=1.0),
+    ],
+)
 def test_fidelity_is_exact_without_eviction(llava, fid_task, strategy):
     r = evaluate(llava, fid_task, strategy, progress=False)
     assert r.metrics["kl"] == pytest.approx(0.0, abs=1e-6)
@@ -158,8 +178,7 @@ def test_bad_arguments(llava, fid_task):
 
 
 def test_full_cache_reference_runs_once_per_batch_in_a_sweep(monkeypatch):
-    from kvpress_mm.eval import evaluate, get_task, load_model
-    from kvpress_mm.eval import runner
+    from kvpress_mm.eval import evaluate, get_task, load_model, runner
 
     bundle = load_model("tiny_llava")
     task = get_task("fidelity", n_samples=2, max_new_tokens=3)

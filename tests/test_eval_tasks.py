@@ -31,8 +31,9 @@ def test_unknown_task_and_field_errors_list_the_options():
         get_task("text_needle", depth=0.5)
 
 
-@pytest.mark.parametrize("kwargs", [{"n_samples": 0}, {"needle_depth": 1.5}, {"num_images": -1},
-                                    {"max_new_tokens": 0}, {"seed": "a"}])
+@pytest.mark.parametrize(
+    "kwargs", [{"n_samples": 0}, {"needle_depth": 1.5}, {"num_images": -1}, {"max_new_tokens": 0}, {"seed": "a"}]
+)
 def test_bad_field_values_raise(kwargs):
     with pytest.raises(ValueError):
         get_task("text_needle", **kwargs)

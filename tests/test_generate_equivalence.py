@@ -2,14 +2,22 @@
 
 import pytest
 import torch
+from helpers import generate, masked_reference_generate, rows_for, tiny
 
 import kvpress_mm
 from kvpress_mm.testing import TINY_FAMILIES
 
-from helpers import generate, masked_reference_generate, rows_for, tiny
-
 NON_MERGING = [
-    "streaming_llm", "h2o", "snapkv", "tova", "knorm", "random", "pyramidkv", "adakv", "text_prior_h2o", "mean_h2o",
+    "streaming_llm",
+    "h2o",
+    "snapkv",
+    "tova",
+    "knorm",
+    "random",
+    "pyramidkv",
+    "adakv",
+    "text_prior_h2o",
+    "mean_h2o",
 ]
 
 

@@ -9,6 +9,7 @@ from torch.overrides import TorchFunctionMode
 from transformers import DynamicCache
 
 import kvpress_mm
+
 _READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__"}
 
 
@@ -28,8 +29,14 @@ def _llama(layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
 
 

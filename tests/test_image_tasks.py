@@ -1,4 +1,7 @@
-"""The image-grounded long-context tasks: image_needle, image_lookup, image_counting, image_in_text (no model needed)."""
+"""The image-grounded long-context tasks (no model needed).
+
+image_needle, image_lookup, image_counting, image_in_text.
+"""
 
 from __future__ import annotations
 
@@ -151,7 +154,10 @@ def test_image_counting():
         assert task.score(s, f"Image 4 and image 1: {n}") == 1.0
         assert task.score(s, f"{n + 1}") == 0.0
     assert len(set(counts)) >= 3
-    assert task.score(task.samples()[0], f"{['zero', 'one', 'two', 'three', 'four'][int(task.samples()[0].answer)]}") == 1.0
+    assert (
+        task.score(task.samples()[0], f"{['zero', 'one', 'two', 'three', 'four'][int(task.samples()[0].answer)]}")
+        == 1.0
+    )
     red = get_task("image_counting", n_samples=4, target="red", num_images=3, min_count=0, max_count=2)
     for s in red.samples():
         assert 0 <= int(s.answer) <= 2 and "red shape" in s.content[-1]

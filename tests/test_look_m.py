@@ -6,12 +6,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_cache_properties import layer_cases, make_layer
 
 import kvpress_mm
 from kvpress_mm.merge import merge_evicted
 from kvpress_mm.modality import Modality
-
-from test_cache_properties import layer_cases, make_layer
 
 
 def loop_merge(keys, values, keep, valid, mode, labels=None):
@@ -29,7 +28,9 @@ def loop_merge(keys, values, keep, valid, mode, labels=None):
                 cands = [j for j in kept if labels is None or labels[b, j] == labels[b, e]]
                 if not cands:
                     continue
-                sims = [torch.nn.functional.cosine_similarity(keys[b, h, e], keys[b, h, j], dim=0).item() for j in cands]
+                sims = [
+                    torch.nn.functional.cosine_similarity(keys[b, h, e], keys[b, h, j], dim=0).item() for j in cands
+                ]
                 best = max(range(len(cands)), key=lambda i: sims[i])
                 match[e] = (cands[best], sims[best])
             weights = {e: 1.0 for e in match}
@@ -137,19 +138,30 @@ def test_text_prior_invariant(case, mode):
 def test_headline_preset():
     s = kvpress_mm.get_strategy("text_prior_pivot_merge", budget=0.2)
     assert (s.budget, s.text_prior, s.text_prior_mode, s.merge, s.sinks, s.recent_share) == (
-        0.2, True, "strict_budget", "pivotal", 4, 0.5,
+        0.2,
+        True,
+        "strict_budget",
+        "pivotal",
+        4,
+        0.5,
     )
     assert kvpress_mm.get_strategy("look_m") == kvpress_mm.get_strategy("text_prior_pivot_merge")
     for name, merge, prior in [
-        ("avg_merge", "averaged", False), ("pivot_merge", "pivotal", False), ("weighted_merge", "weighted", False),
-        ("text_prior_h2o", "none", True), ("text_prior_avg_merge", "averaged", True),
-        ("text_prior_weighted_merge", "weighted", True), ("mean_h2o", "none", False),
+        ("avg_merge", "averaged", False),
+        ("pivot_merge", "pivotal", False),
+        ("weighted_merge", "weighted", False),
+        ("text_prior_h2o", "none", True),
+        ("text_prior_avg_merge", "averaged", True),
+        ("text_prior_weighted_merge", "weighted", True),
+        ("mean_h2o", "none", False),
     ]:
         s = kvpress_mm.get_strategy(name, budget=0.1)
         assert (s.merge, s.text_prior) == (merge, prior), name
 
 
-@pytest.mark.parametrize("field,value", [("merge", "sideways"), ("merge_scope", "all"), ("text_prior_mode", "x"), ("sinks", -1)])
+@pytest.mark.parametrize(
+    "field,value", [("merge", "sideways"), ("merge_scope", "all"), ("text_prior_mode", "x"), ("sinks", -1)]
+)
 def test_bad_look_m_fields(field, value):
     with pytest.raises(ValueError, match=field):
         kvpress_mm.get_strategy("look_m", **{field: value})
@@ -184,7 +196,6 @@ def test_text_prior_keeps_text_in_a_real_model():
 )
 def test_first_argmax_is_max_with_the_first_index(rows, width, levels, blocked, seed):
     """Few distinct values make ties common; -inf marks blocked columns, some rows entirely."""
-    import numpy as np
 
     from kvpress_mm.merge import first_argmax
 
@@ -205,7 +216,9 @@ def test_nearest_kept_over_many_kept_keys_matches_float64_search(chunk_elements,
     from kvpress_mm.merge import nearest_kept
 
     if chunk_elements is not None:
-        monkeypatch.setattr(merge, "_CHUNK_ELEMENTS", merge._CHUNK_ELEMENTS_GPU if chunk_elements == "gpu" else chunk_elements)
+        monkeypatch.setattr(
+            merge, "_CHUNK_ELEMENTS", merge._CHUNK_ELEMENTS_GPU if chunk_elements == "gpu" else chunk_elements
+        )
 
     gen = torch.Generator().manual_seed(7)
     keys = torch.randn(2, 3, 700, 16, generator=gen)

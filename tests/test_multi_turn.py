@@ -9,12 +9,11 @@ import copy
 
 import pytest
 import torch
+from conversation import HeldRecorder, HeldReference, expanded, follow_up, generate, turn_ids
+from helpers import rows_for, tiny
 
 import kvpress_mm
 from kvpress_mm.compressed_cache import CompressedCache, CompressedLayer
-
-from conversation import HeldRecorder, HeldReference, expanded, follow_up, generate, turn_ids
-from helpers import rows_for, tiny
 
 FAMILIES = ["llava", "qwen2_vl", "gemma3", "llama"]
 STEPS = 4
@@ -66,7 +65,7 @@ def test_follow_up_turns_equal_masked_reference(family, name, fields):
     _assert_turns_close(got, _reference(t, history, held))
     # the cache stands for the whole history while holding fewer slots
     logical = history[-1]["input_ids"].shape[1] + STEPS - 1
-    for idx, layer in enumerate(cache.layers):
+    for layer in cache.layers:
         if isinstance(layer, CompressedLayer):
             assert layer.get_seq_length() == logical
             assert layer.physical_length < logical
@@ -105,9 +104,7 @@ def test_only_the_new_tokens_are_fed():
         seq, _, cache = generate(t.model, inputs, STEPS)
     nxt = follow_up(inputs, seq, turn_ids(t, 1, 7, seed=1))
     fed = []
-    handle = t.model.register_forward_pre_hook(
-        lambda m, a, kw: fed.append(kw["input_ids"].shape[1]), with_kwargs=True
-    )
+    handle = t.model.register_forward_pre_hook(lambda m, a, kw: fed.append(kw["input_ids"].shape[1]), with_kwargs=True)
     try:
         with strategy(t.model):
             generate(t.model, nxt, 2, cache=cache)

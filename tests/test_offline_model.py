@@ -71,7 +71,7 @@ def gguf_reference(one_thread):
 
 
 def _new_tokens(out, inputs):
-    return out[:, inputs["input_ids"].shape[1]:]
+    return out[:, inputs["input_ids"].shape[1] :]
 
 
 # ----------------------------------------------------------------------------- cache / config
@@ -96,7 +96,13 @@ def test_cache_layout_and_config(mini):
     assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy) == (-1, "default")
     v = cfg.vision_config
     assert (v.model_type, v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.patch_size, v.image_size) == (
-        "dinov2", 384, 12, 6, 14, 224)
+        "dinov2",
+        384,
+        12,
+        6,
+        14,
+        224,
+    )
     assert type(model.model.vision_tower).__name__ == "Dinov2Model"
     assert not model.training
     assert cfg._attn_implementation == "sdpa" and cfg.text_config._attn_implementation == "sdpa"
@@ -225,8 +231,12 @@ def test_image_prompt_has_256_tokens_per_image_and_generates(mini):
         assert (mask[b, : ids.shape[1] - lengths[b]] == 0).all()
     # each image is one contiguous run of 256 tokens
     row = ids[1].tolist()
-    starts = [i for i in range(len(row)) if row[i] == model.config.image_token_id and row[i - 1] != model.config.image_token_id]
-    assert len(starts) == 2 and all(row[s: s + 256] == [model.config.image_token_id] * 256 for s in starts)
+    starts = [
+        i
+        for i in range(len(row))
+        if row[i] == model.config.image_token_id and row[i - 1] != model.config.image_token_id
+    ]
+    assert len(starts) == 2 and all(row[s : s + 256] == [model.config.image_token_id] * 256 for s in starts)
 
     out = model.generate(**inputs, max_new_tokens=8, min_new_tokens=4, do_sample=False)
     new = _new_tokens(out, inputs)
@@ -275,7 +285,10 @@ def test_letterbox_preprocessing():
     np.testing.assert_allclose(x[0, :, 112, 5].numpy(), white, rtol=1e-5)
     np.testing.assert_allclose(x[0, :, 10, 5].numpy(), black, rtol=1e-5)
     np.testing.assert_allclose(x[0, :, 220, 100].numpy(), black, rtol=1e-5)
-    assert preprocess_images([wide], mode="resize")[0, :, 10, 5].sub(torch.tensor(white, dtype=torch.float32)).abs().max() < 1e-5
+    assert (
+        preprocess_images([wide], mode="resize")[0, :, 10, 5].sub(torch.tensor(white, dtype=torch.float32)).abs().max()
+        < 1e-5
+    )
 
 
 def test_projector_is_seeded_or_shipped(mini):

@@ -1,7 +1,8 @@
 """The wheel holds every subpackage: setuptools' explicit package list must name each one."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

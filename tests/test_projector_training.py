@@ -38,8 +38,12 @@ def test_standardisation_folds_into_llava_projector():
     proj = StandardizedProjector(24, 40, 32, mean, std)
     proj.init(1, out_std=0.13, sample=feats)
     assert abs(float(proj(feats).detach().std()) - 0.13) < 1e-3
-    cfg = LlavaConfig(vision_config={"model_type": "dinov2", "hidden_size": 24}, text_config={"model_type": "llama", "hidden_size": 32},
-                      projector_hidden_act="gelu", multimodal_projector_bias=True)
+    cfg = LlavaConfig(
+        vision_config={"model_type": "dinov2", "hidden_size": 24},
+        text_config={"model_type": "llama", "hidden_size": 32},
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+    )
     llava = LlavaMultiModalProjector(cfg)
     assert (llava.linear_1.in_features, llava.linear_1.out_features) == (24, 32)
     # LLaVA's projector is 24 -> 32 -> 32 here; build ours with the same sizes to load its state dict
@@ -109,7 +113,8 @@ def test_count_episodes_count_the_digit_images():
         assert k % len(scenes) in rows and 1 <= digits <= len(rows) <= 4
         assert qas[0].question == multi.count_question("a digit") and qas[0].answer == str(digits)
         assert [s for s in segments if isinstance(s, str) and s.startswith("Image")] == [
-            f"Image {i}:" for i in range(1, len(rows) + 1)]
+            f"Image {i}:" for i in range(1, len(rows) + 1)
+        ]
         assert len(qas) <= 2 and all(q.qtype in ("colour", "shape", "digit") for q in qas[1:])
         counts.add(digits)
     assert counts == {1, 2, 3, 4}
@@ -141,7 +146,7 @@ def test_examples_match_the_inference_prompt(mini):
     assert len(qas) >= 2
     ex = builder.build(qas, 0, 256)
     first = processor.prepare_inputs([scene.image, qas[0].question])["input_ids"][0].tolist()
-    assert ex.input_ids[:len(first)] == first  # the first turn is exactly what inference sees
+    assert ex.input_ids[: len(first)] == first  # the first turn is exactly what inference sees
     assert ex.input_ids.count(processor.image_token_id) == 256
     supervised = [t for t in ex.labels if t != IGNORE]
     text = processor.tokenizer.decode(supervised)
@@ -160,14 +165,24 @@ def test_multi_image_examples_match_the_inference_prompt(mini):
     segments = [multi.INTRO, "Image 1:", None, "Some text.", "Image 2:", None, "Image 3:", None]
     qas = multi.label_questions(scenes[1], "Image 2")
     ex = builder.build(qas, [0, 1, 2], 16, segments)
-    content = [multi.INTRO, "Image 1:", scenes[0].image, "Some text.", "Image 2:", scenes[1].image, "Image 3:",
-               scenes[2].image, qas[0].question]
+    content = [
+        multi.INTRO,
+        "Image 1:",
+        scenes[0].image,
+        "Some text.",
+        "Image 2:",
+        scenes[1].image,
+        "Image 3:",
+        scenes[2].image,
+        qas[0].question,
+    ]
     first = processor.prepare_inputs(content)["input_ids"][0].tolist()
     full = [t for t in first if t != processor.image_token_id]
-    assert [t for t in ex.input_ids[:len(first) - 3 * 240] if t != processor.image_token_id] == full
+    assert [t for t in ex.input_ids[: len(first) - 3 * 240] if t != processor.image_token_id] == full
     assert ex.input_ids.count(processor.image_token_id) == 48 and ex.image_indices == [0, 1, 2]
     assert processor.tokenizer.decode([t for t in ex.labels if t != IGNORE]) == "".join(
-        qa.answer + "<|im_end|>" for qa in qas)
+        qa.answer + "<|im_end|>" for qa in qas
+    )
     with pytest.raises(ValueError):
         builder.build(qas, [0, 1], 16, segments)  # three images in the prompt
     # collate stacks the images of all examples in order
@@ -208,9 +223,18 @@ def test_three_steps_reduce_the_loss(mini):
     with torch.no_grad():
         whole, _ = projector_loss(model, proj, batch, processor.image_token_id)
         total = sum(sum(e.weights) for e in examples)
-        parts = sum(projector_loss(model, proj, collate([dataclasses.replace(e, image_index=0)],
-                                                        pool_tokens(feats[i:i + 1], 16), processor.pad_token_id),
-                                   processor.image_token_id, total)[0] for i, e in enumerate(examples))
+        parts = sum(
+            projector_loss(
+                model,
+                proj,
+                collate(
+                    [dataclasses.replace(e, image_index=0)], pool_tokens(feats[i : i + 1], 16), processor.pad_token_id
+                ),
+                processor.image_token_id,
+                total,
+            )[0]
+            for i, e in enumerate(examples)
+        )
     assert float(parts) == pytest.approx(float(whole), rel=1e-4)
 
 
@@ -221,9 +245,22 @@ def test_train_writes_a_loadable_projector(mini, tmp_path):
 
     model, processor = mini
     before = {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
-    cfg = TrainConfig(steps=2, seed=5, batch_size=2, n_images=3, turns=2, warmup=1, image_tokens=(16, 4),
-                      out=str(tmp_path / "p.safetensors"), log_dir=str(tmp_path / "log"), cache_dir=str(tmp_path),
-                      progress=False, kinds={"single_shape": 1.0}, multi_image=0.5, micro_batch=1)
+    cfg = TrainConfig(
+        steps=2,
+        seed=5,
+        batch_size=2,
+        n_images=3,
+        turns=2,
+        warmup=1,
+        image_tokens=(16, 4),
+        out=str(tmp_path / "p.safetensors"),
+        log_dir=str(tmp_path / "log"),
+        cache_dir=str(tmp_path),
+        progress=False,
+        kinds={"single_shape": 1.0},
+        multi_image=0.5,
+        micro_batch=1,
+    )
     summary = train(cfg, model, processor, log=lambda *a: None)
     assert summary["steps_done"] == 2
     rows = list(csv.DictReader(open(tmp_path / "log" / "loss.csv")))
@@ -234,7 +271,11 @@ def test_train_writes_a_loadable_projector(mini, tmp_path):
     assert list((tmp_path / "projector_features").glob("*/shard_*.safetensors"))
     state = read_projector_state(tmp_path / "p.safetensors")
     assert {k: tuple(v.shape) for k, v in state.items()} == {
-        "linear_1.weight": (576, 384), "linear_1.bias": (576,), "linear_2.weight": (576, 576), "linear_2.bias": (576,)}
+        "linear_1.weight": (576, 384),
+        "linear_1.bias": (576,),
+        "linear_2.weight": (576, 576),
+        "linear_2.bias": (576,),
+    }
     try:
         load_projector(model, tmp_path / "p.safetensors")
         assert torch.equal(model.model.multi_modal_projector.linear_2.bias, state["linear_2.bias"])
@@ -247,8 +288,16 @@ def test_heldout_items_are_balanced_and_scored():
 
     items = heldout_items(8)
     assert [it["qtype"] for it in items] == ["colour"] * 8 + ["shape"] * 8 + ["digit"] * 8
-    assert {it["expected"] for it in items if it["qtype"] == "colour"} == {"red", "green", "blue", "yellow", "orange",
-                                                                        "purple", "black", "white"}
+    assert {it["expected"] for it in items if it["qtype"] == "colour"} == {
+        "red",
+        "green",
+        "blue",
+        "yellow",
+        "orange",
+        "purple",
+        "black",
+        "white",
+    }
     assert {it["expected"] for it in items if it["qtype"] == "shape"} == {"circle", "square", "triangle", "star"}
     again = heldout_items(8)
     assert all(a["image"].tobytes() == b["image"].tobytes() for a, b in zip(items, again))
@@ -265,7 +314,11 @@ def test_shipped_projector_file():
     assert paths.SHIPPED_PROJECTOR.stat().st_size < 5 * 2**20
     state = read_projector_state(paths.SHIPPED_PROJECTOR)
     assert {k: tuple(v.shape) for k, v in state.items()} == {
-        "linear_1.weight": (576, 384), "linear_1.bias": (576,), "linear_2.weight": (576, 576), "linear_2.bias": (576,)}
+        "linear_1.weight": (576, 384),
+        "linear_1.bias": (576,),
+        "linear_2.weight": (576, 576),
+        "linear_2.bias": (576,),
+    }
     assert all(torch.isfinite(v).all() for v in state.values())
 
 
@@ -280,8 +333,20 @@ def test_average_of_two_projectors(tmp_path):
     b = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
     save_llava_projector(a, tmp_path / "a.safetensors")
     save_llava_projector(b, tmp_path / "b.safetensors")
-    assert main(["--average", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
-                 "--average-weight", "0.25", "--out", str(tmp_path / "soup.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "--average",
+                str(tmp_path / "a.safetensors"),
+                str(tmp_path / "b.safetensors"),
+                "--average-weight",
+                "0.25",
+                "--out",
+                str(tmp_path / "soup.safetensors"),
+            ]
+        )
+        == 0
+    )
     soup = read_projector_state(tmp_path / "soup.safetensors")
     for k in shapes:
         torch.testing.assert_close(soup[k], 0.75 * a[k] + 0.25 * b[k])

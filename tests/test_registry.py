@@ -36,7 +36,10 @@ def _fake_dist(root: Path, name: str, group: str, entry_points: list[str], modul
 
 def _broken_strategy_plugin(root: Path) -> Path:
     return _fake_dist(
-        root, "kvmm_broken_plugin", registry.ENTRY_POINT_GROUP, [BROKEN_EP],
+        root,
+        "kvmm_broken_plugin",
+        registry.ENTRY_POINT_GROUP,
+        [BROKEN_EP],
         {"kvmm_broken_plugin": "import kvmm_no_such_dependency\n"},
     )
 
@@ -75,9 +78,8 @@ def test_plugin_whose_import_fails_is_skipped_with_one_warning(tmp_path, monkeyp
     assert "kvmm_broken_plugin" not in names and {"h2o", "snapkv", "look_m", "full"} <= set(names)
 
 
-def test_plugin_naming_a_missing_class_or_taking_a_builtin_name_is_skipped(tmp_path, monkeypatch,
-                                                                           unloaded_strategies):
-    plugin = '''
+def test_plugin_naming_a_missing_class_or_taking_a_builtin_name_is_skipped(tmp_path, monkeypatch, unloaded_strategies):
+    plugin = """
         from dataclasses import dataclass
         from kvpress_mm import EvictionStrategy, Plan, register_strategy
         from kvpress_mm.selection import first_tokens
@@ -87,8 +89,8 @@ def test_plugin_naming_a_missing_class_or_taking_a_builtin_name_is_skipped(tmp_p
         class NotSnapKV(EvictionStrategy):
             def plan(self, layer):
                 return Plan(keep=first_tokens(layer, layer.keep_count)[:, None, :])
-    '''
-    good = '''
+    """
+    good = """
         from dataclasses import dataclass
         from kvpress_mm import EvictionStrategy, Plan
         from kvpress_mm.selection import first_tokens
@@ -97,11 +99,19 @@ def test_plugin_naming_a_missing_class_or_taking_a_builtin_name_is_skipped(tmp_p
         class KeepFirst(EvictionStrategy):
             def plan(self, layer):
                 return Plan(keep=first_tokens(layer, layer.keep_count)[:, None, :])
-    '''
-    eps = ["kvmm_missing = kvmm_good_plugin:NoSuchClass", "kvmm_clash = kvmm_clash_plugin:NotSnapKV",
-           "kvmm_keep_first = kvmm_good_plugin:KeepFirst"]
-    root = _fake_dist(tmp_path / "site", "kvmm_mixed_plugins", registry.ENTRY_POINT_GROUP, eps,
-                      {"kvmm_clash_plugin": plugin, "kvmm_good_plugin": good})
+    """
+    eps = [
+        "kvmm_missing = kvmm_good_plugin:NoSuchClass",
+        "kvmm_clash = kvmm_clash_plugin:NotSnapKV",
+        "kvmm_keep_first = kvmm_good_plugin:KeepFirst",
+    ]
+    root = _fake_dist(
+        tmp_path / "site",
+        "kvmm_mixed_plugins",
+        registry.ENTRY_POINT_GROUP,
+        eps,
+        {"kvmm_clash_plugin": plugin, "kvmm_good_plugin": good},
+    )
     monkeypatch.syspath_prepend(str(root))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -118,8 +128,12 @@ def test_cli_help_with_a_broken_plugin_installed(tmp_path):
     root = _broken_strategy_plugin(tmp_path / "site")
     script = Path(sys.executable).with_name("kvpress-mm")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "kvpress_mm.cli"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    }
     result = subprocess.run([*command, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     assert "Traceback" not in result.stderr
@@ -137,7 +151,7 @@ def strategies_as_in_a_new_process(monkeypatch, unloaded_strategies):
     prefix = "kvpress_mm.strategies."
     for name, module in list(sys.modules.items()):
         if name.startswith(prefix):
-            monkeypatch.setattr(package, name[len(prefix):], module)  # restored afterwards
+            monkeypatch.setattr(package, name[len(prefix) :], module)  # restored afterwards
             monkeypatch.delitem(sys.modules, name)
 
     def forget():
@@ -257,8 +271,13 @@ def test_failed_loading_is_not_marked_loaded():
 def test_entry_point_group_skips_broken_plugins(tmp_path, monkeypatch):
     group = "kvpress_mm_test.gadgets"
     eps = ["good = kvmm_gadgets:GOOD", "broken = kvmm_gadgets_broken:THING"]
-    root = _fake_dist(tmp_path, "kvmm_gadgets", group, eps,
-                      {"kvmm_gadgets": "GOOD = 'a good gadget'\n", "kvmm_gadgets_broken": "raise ImportError('no')\n"})
+    root = _fake_dist(
+        tmp_path,
+        "kvmm_gadgets",
+        group,
+        eps,
+        {"kvmm_gadgets": "GOOD = 'a good gadget'\n", "kvmm_gadgets_broken": "raise ImportError('no')\n"},
+    )
     monkeypatch.syspath_prepend(str(root))
     reg = Registry("gadget", entry_point_group=group)
     with pytest.warns(PluginLoadWarning, match="'broken = kvmm_gadgets_broken:THING'.*ImportError: no") as caught:
@@ -274,8 +293,12 @@ def test_builtins_are_every_module_of_their_package():
     from kvpress_mm import adapters, testing
     from kvpress_mm.eval import tasks
 
-    for package, reg in [(adapters, adapters.ADAPTERS), (tasks, tasks.TASKS), (testing, testing.tiny.BUILDERS),
-                         (importlib.import_module("kvpress_mm.strategies"), registry.STRATEGIES)]:
+    for package, reg in [
+        (adapters, adapters.ADAPTERS),
+        (tasks, tasks.TASKS),
+        (testing, testing.tiny.BUILDERS),
+        (importlib.import_module("kvpress_mm.strategies"), registry.STRATEGIES),
+    ]:
         assert reg.builtins == (package.__name__,)
         reg.load()
         modules = {f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)}
@@ -294,7 +317,8 @@ def test_every_tiny_family_has_a_model_loader_and_an_adapter():
     assert {f"tiny_{f}" for f in TINY_FAMILIES} <= set(list_models())
     for family in TINY_FAMILIES:  # the tiny family's name is its config.model_type
         assert adapter_for(SimpleNamespace(config=SimpleNamespace(model_type=family))).family in (
-            kvpress_mm.supported_families())
+            kvpress_mm.supported_families()
+        )
 
 
 def test_adapter_for_a_taken_model_type_needs_replace():

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from helpers import TEXT_ROWS, generate
 
 import kvpress_mm
 from kvpress_mm.testing import build_tiny
-
-from helpers import TEXT_ROWS, generate
 
 
 @pytest.fixture(scope="module", params=[("llama", "sdpa"), ("llama", "eager"), ("qwen2_vl", "sdpa")])
@@ -18,10 +17,14 @@ def eager_llama(request):
     family, backend = request.param
     t = build_tiny(family)
     t.model.set_attn_implementation(backend)
-    t.rows = TEXT_ROWS if family == "llama" else [
-        [("text", 9), ("image",), ("text", 30)],
-        [("image",), ("text", 25)],
-    ]
+    t.rows = (
+        TEXT_ROWS
+        if family == "llama"
+        else [
+            [("text", 9), ("image",), ("text", 30)],
+            [("image",), ("text", 25)],
+        ]
+    )
     return t
 
 
@@ -61,7 +64,9 @@ def _kept_sets(press, batch, kv_heads):
     out = {}
     for layer, keep in press.kept.items():
         keep = keep.expand(batch, kv_heads, keep.shape[-1])
-        out[layer] = [[set(torch.nonzero(keep[b, h]).flatten().tolist()) for h in range(kv_heads)] for b in range(batch)]
+        out[layer] = [
+            [set(torch.nonzero(keep[b, h]).flatten().tolist()) for h in range(kv_heads)] for b in range(batch)
+        ]
     return out
 
 
@@ -73,7 +78,9 @@ def test_h2o_rule(eager_llama):
 
     def score(group_probs, real, j):
         # sum over every real query of its probability on key j, averaged over the group's heads
-        return sum(float(group_probs[g, i, j]) for g in range(group_probs.shape[0]) for i in real) / group_probs.shape[0]
+        return (
+            sum(float(group_probs[g, i, j]) for g in range(group_probs.shape[0]) for i in real) / group_probs.shape[0]
+        )
 
     ref = _reference_sets(
         probs, inputs, lambda n: int(n * budget + 1e-6), score, lambda real, keep: real[len(real) - keep // 2 :], 2

@@ -16,8 +16,14 @@ from kvpress_mm.cli import main
 from kvpress_mm.eval import runner as runner_mod
 from kvpress_mm.results import markdown_table, table_rows
 
-TINY = ["model=tiny_llama", "task=fidelity", "task.n_samples=1", "task.max_new_tokens=2", "task.context_tokens=48",
-        "progress=false"]
+TINY = [
+    "model=tiny_llama",
+    "task=fidelity",
+    "task.n_samples=1",
+    "task.max_new_tokens=2",
+    "task.context_tokens=48",
+    "progress=false",
+]
 
 PLUGIN = '''
 from dataclasses import dataclass
@@ -86,7 +92,10 @@ def test_failed_point_is_marked_and_the_finished_points_are_summarized(tmp_path,
 
     rows = summary_rows(sweep)
     assert [(r["job"], r["budget"], r["status"]) for r in rows] == [
-        ("0", "0.25", "ok"), ("1", "0.5", "failed"), ("2", "0.75", "ok")]
+        ("0", "0.25", "ok"),
+        ("1", "0.5", "failed"),
+        ("2", "0.75", "ok"),
+    ]
     failed = rows[1]
     assert failed["error"] == "RuntimeError: tripped at budget 0.5 (a second line of the message)"
     assert failed["score"] == "" and rows[0]["score"] and rows[2]["score"]
@@ -125,12 +134,15 @@ def test_a_job_function_that_raises_is_marked_by_the_callback(tmp_path, capsys, 
     assert code == 1
     rows = summary_rows(tmp_path / "sweep")
     assert [(r["budget"], r["status"], r["error"]) for r in rows] == [
-        ("0.25", "ok", ""), ("0.5", "failed", "OSError: disk on fire")]
+        ("0.25", "ok", ""),
+        ("0.5", "failed", "OSError: disk on fire"),
+    ]
 
 
 def test_interrupted_sweep_keeps_the_summary_of_what_finished(tmp_path, capsys):
     code, out, err = run_cli(
-        ["-m", *TINY, TARGET, "strategy.trip=stop", "strategy.budget=0.25,0.5,0.75", "hydra.sweep.dir=sweep"], capsys)
+        ["-m", *TINY, TARGET, "strategy.trip=stop", "strategy.budget=0.25,0.5,0.75", "hydra.sweep.dir=sweep"], capsys
+    )
     assert code == 130
     assert err.strip().splitlines()[-1] == "kvpress-mm: interrupted; results so far in sweep"
     assert "Traceback" not in err

@@ -16,7 +16,7 @@ TEXT_FAMILIES = {"llama", "qwen2"}
 NEW_TOKENS = 5
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny(family: str, dtype: torch.dtype = torch.float32):
     return build_tiny(family, dtype=dtype, seed=0)
 

@@ -25,7 +25,7 @@ def test_the_two_files_cover_every_family():
     assert sorted(test_tiny_models_a.FAMILIES + FAMILIES) == sorted(TINY_FAMILIES)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny(family: str, dtype: torch.dtype = torch.float32):
     return build_tiny(family, dtype=dtype, seed=0)
 

@@ -95,7 +95,11 @@ def test_wrong_type_is_a_type_error_and_a_value_error():
     [
         (lambda v: check_int("O", "n", v, 0, 9), True, "O: n must be an integer in [0, 9], got True (bool)"),
         (lambda v: check_int("O", "n", v, 0, 9), 10, "O: n must be an integer in [0, 9], got 10"),
-        (lambda v: check_int("O", "n", v, 1, allow_none=True), 2.0, "O: n must be an integer >= 1 or None, got 2.0 (float)"),
+        (
+            lambda v: check_int("O", "n", v, 1, allow_none=True),
+            2.0,
+            "O: n must be an integer >= 1 or None, got 2.0 (float)",
+        ),
         (lambda v: check_fraction("O", "f", v, low_open=True), 0, "O: f must be a number in (0, 1], got 0"),
         (lambda v: check_fraction("O", "f", v), math.nan, "O: f must be a number in [0, 1], got nan"),
         (lambda v: check_number("O", "x", v, 0), math.inf, "O: x must be a number >= 0, got inf"),
@@ -248,10 +252,14 @@ def test_replace_deepcopy_pickle_keep_validation():
 
 
 def test_hydra_instantiate():
-    config = OmegaConf.create({
-        "_target_": "kvpress_mm.strategies.adakv.AdaKV", "budget": 0.3, "inner": "h2o",
-        "inner_fields": {"recent_share": 0.25},
-    })
+    config = OmegaConf.create(
+        {
+            "_target_": "kvpress_mm.strategies.adakv.AdaKV",
+            "budget": 0.3,
+            "inner": "h2o",
+            "inner_fields": {"recent_share": 0.25},
+        }
+    )
     s = hydra.utils.instantiate(config)
     assert (s.budget, s.inner, dict(s.inner_fields)) == (0.3, "h2o", {"recent_share": 0.25})
     look = hydra.utils.instantiate({"_target_": "kvpress_mm.strategies.look_m.LookM", "budget": 0.2, "sinks": 2})
@@ -352,8 +360,9 @@ def _bad_values(field, name):
         # below the range (0 and -0.0 included when the range is open there), above it
         below = st.floats(max_value=low, allow_nan=False) if o.get("low_open") else st.floats(max_value=low - 1e-9)
         outside = st.one_of(below, st.floats(min_value=high, exclude_min=True, allow_nan=False))
-        return st.one_of(st.just(math.nan), st.just(math.inf), st.just(-math.inf), outside, st.booleans(),
-                         st.none(), *always)
+        return st.one_of(
+            st.just(math.nan), st.just(math.inf), st.just(-math.inf), outside, st.booleans(), st.none(), *always
+        )
     if kind == "int":
         bad = [st.floats(), st.booleans(), *always]
         if not o.get("allow_none"):
@@ -369,9 +378,13 @@ def _bad_values(field, name):
         return st.one_of(st.integers(0, 1), st.text(max_size=5), st.none(), st.floats(), *always[1:])
     # mapping (adakv inner_fields, inner is snapkv by default)
     return st.one_of(
-        st.text(max_size=5), st.lists(st.integers(), max_size=2), st.integers(), st.none(),
-        st.sampled_from([{"budget": 0.3}, {"budget_tokens": 4}, {"windw": 1}, {"window_size": 0},
-                         {"window_size": "4"}, {1: 2}]),
+        st.text(max_size=5),
+        st.lists(st.integers(), max_size=2),
+        st.integers(),
+        st.none(),
+        st.sampled_from(
+            [{"budget": 0.3}, {"budget_tokens": 4}, {"windw": 1}, {"window_size": 0}, {"window_size": "4"}, {1: 2}]
+        ),
     )
 
 

@@ -73,7 +73,7 @@ def test_objects_do_not_overlap():
     for seed in range(40):
         objs = make_scene(seed, "multi").objects
         for i, a in enumerate(objs):
-            for b in objs[i + 1:]:
+            for b in objs[i + 1 :]:
                 assert a.box[2] <= b.box[0] or b.box[2] <= a.box[0] or a.box[3] <= b.box[1] or b.box[3] <= a.box[1]
 
 

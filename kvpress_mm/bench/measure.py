@@ -55,8 +55,14 @@ def prefill(bench, inputs: dict, strategy, device: torch.device, eager: bool = F
             model.set_attn_implementation("sdpa")
     next_token = out.logits[:, -1:].argmax(-1)
     return PrefillRun(
-        seconds, peak["bytes"], out.cache, next_token, inputs["input_ids"].shape[1],
-        session.report if session is not None else None, session, inputs.get("attention_mask"),
+        seconds,
+        peak["bytes"],
+        out.cache,
+        next_token,
+        inputs["input_ids"].shape[1],
+        session.report if session is not None else None,
+        session,
+        inputs.get("attention_mask"),
     )
 
 

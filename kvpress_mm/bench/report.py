@@ -57,8 +57,7 @@ def summary_table(records: list[dict], budget: float = 0.2, length: int | None =
     longest = {}
     for r in records:
         m = series[id(r)]
-        if length is None or r["length"] <= length or all(o["length"] > length for o in records
-                                                         if series[id(o)] == m):
+        if length is None or r["length"] <= length or all(o["length"] > length for o in records if series[id(o)] == m):
             longest[m] = max(longest.get(m, 0), r["length"])
     cols = [(m, n) for m, n in longest.items()]
     pick = {}
@@ -73,8 +72,11 @@ def summary_table(records: list[dict], budget: float = 0.2, length: int | None =
         cells = [name]
         for m, _ in cols:
             r = pick.get((name, m), {})
-            cells += [_cell(r, "prefill_ratio", "{:.2f}"), _cell(r, "decode_ratio", "{:.2f}"),
-                      _cell(r, "peak_memory_ratio", "{:.2f}")]
+            cells += [
+                _cell(r, "prefill_ratio", "{:.2f}"),
+                _cell(r, "decode_ratio", "{:.2f}"),
+                _cell(r, "peak_memory_ratio", "{:.2f}"),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -93,8 +95,11 @@ def _styles(names: list[str]) -> dict:
     colours = matplotlib.colormaps["tab20"].colors
     markers = "osD^vP*Xh<>p"
     return {
-        name: dict(color=colours[i % len(colours)], marker=markers[i % len(markers)],
-                   linestyle="--" if name == "eager_reference" else ("-" if i % 2 == 0 else ":"))
+        name: dict(
+            color=colours[i % len(colours)],
+            marker=markers[i % len(markers)],
+            linestyle="--" if name == "eager_reference" else ("-" if i % 2 == 0 else ":"),
+        )
         for i, name in enumerate(names)
     }
 
@@ -117,8 +122,11 @@ def write_plot(records: list[dict], path: Path, budget: float = 0.2) -> None:
     styles = _styles(names)
     fig, axes = plt.subplots(len(models), len(PANELS), figsize=(15, 3.8 * len(models)), squeeze=False)
     for row, model in enumerate(models):
-        rows = [r for r, label in zip(records, labels_of) if label == model
-                and (r["budget"] == budget or r["strategy"] == "eager_reference")]
+        rows = [
+            r
+            for r, label in zip(records, labels_of)
+            if label == model and (r["budget"] == budget or r["strategy"] == "eager_reference")
+        ]
         for col, (key, title, log) in enumerate(PANELS):
             ax = axes[row][col]
             for name in names:
@@ -166,9 +174,16 @@ def merge(paths: list[str | Path]) -> list[dict]:
         run = json.loads(Path(path).read_text())
         for r in run["records"]:
             r.setdefault("dtype", run.get("settings", {}).get("dtype", "float32"))
-            key = (r["model"], r["dtype"], r.get("device", "cpu"), r["length"], r["strategy"], r["budget"],
-                   r.get("batch", 1), r.get("padding", 0.0))
+            key = (
+                r["model"],
+                r["dtype"],
+                r.get("device", "cpu"),
+                r["length"],
+                r["strategy"],
+                r["budget"],
+                r.get("batch", 1),
+                r.get("padding", 0.0),
+            )
             merged[key] = r
     order = list(dict.fromkeys(r["model"] for r in merged.values()))
     return sorted(merged.values(), key=lambda r: (order.index(r["model"]), r["length"]))
-

@@ -22,10 +22,10 @@ from tqdm import tqdm
 import kvpress_mm
 from kvpress_mm.devices import device_problem
 
+from ..validate import check_bool, check_choice, check_int, check_number, is_int, is_number
 from .measure import decode_ms_per_token, prefill
 from .models import RANDOM_SIZES, load_bench_model
 from .report import write_reports
-from ..validate import check_bool, check_choice, check_int, check_number, is_int, is_number
 
 EAGER_REFERENCE = "eager_reference"
 BENCH_MODELS = (*RANDOM_SIZES, "mini_llava")
@@ -81,8 +81,10 @@ class BenchSettings:
         if self.padding and self.batch < 2:
             raise ValueError(f"bench: padding={self.padding} needs batch >= 2 (the first row is never padded)")
         if self.batch > 1 and "mini_llava" in self.models:
-            raise ValueError(f"bench: batch={self.batch}: mini_llava runs with batch=1 only; choose models from "
-                             f"{', '.join(RANDOM_SIZES)}")
+            raise ValueError(
+                f"bench: batch={self.batch}: mini_llava runs with batch=1 only; choose models from "
+                f"{', '.join(RANDOM_SIZES)}"
+            )
 
 
 @dataclass
@@ -185,14 +187,18 @@ def machine(device: torch.device) -> str:
                 flags = set(value.split())
     except OSError:
         pass
-    vector = next((name for flag, name in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
-                   if flag in flags), None)
+    vector = next(
+        (name for flag, name in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None
+    )
     return f"{model}, {vector}" if vector else model
 
 
 def _points(names, settings, prompt: int) -> list[Point]:
-    points = [Point(name, budget, kvpress_mm.get_strategy(name, budget=budget))
-              for name in names for budget in settings.budgets]
+    points = [
+        Point(name, budget, kvpress_mm.get_strategy(name, budget=budget))
+        for name in names
+        for budget in settings.budgets
+    ]
     if settings.eager_reference and prompt <= settings.eager_max_length:
         points.append(Point(EAGER_REFERENCE, 0.2, kvpress_mm.get_strategy("h2o", budget=0.2), eager=True))
     return points
@@ -226,11 +232,20 @@ def run_benchmark(settings: BenchSettings) -> list[dict]:
                 prefill(bench, inputs, None, device)  # warm-up
                 points = _points(names, settings, prompt)
                 measure_rounds(bench, inputs, points, settings, device, on_round=bar.update)
-                base = {"model": model_name, "length": prompt, "device": str(device), "dtype": settings.dtype,
-                        "threads": settings.threads, "batch": settings.batch, "padding": settings.padding,
-                        "machine": machine(device)}
+                base = {
+                    "model": model_name,
+                    "length": prompt,
+                    "device": str(device),
+                    "dtype": settings.dtype,
+                    "threads": settings.threads,
+                    "batch": settings.batch,
+                    "padding": settings.padding,
+                    "machine": machine(device),
+                }
                 records.extend({**base, **record_of(p)} for p in points)
-                (out / "bench.json").write_text(json.dumps({"settings": asdict(settings), "records": records}, indent=1))
+                (out / "bench.json").write_text(
+                    json.dumps({"settings": asdict(settings), "records": records}, indent=1)
+                )
     records.sort(key=lambda r: (list(models).index(r["model"]), r["length"]))
     write_reports(records, out, 0.2 if 0.2 in settings.budgets else settings.budgets[-1])
     (out / "bench.json").write_text(json.dumps({"settings": asdict(settings), "records": records}, indent=1))

@@ -59,17 +59,22 @@ def measure(shape: str, length: int, device: torch.device, dtype: torch.dtype, r
     row = {"shape": shape, "length": length, "dtype": str(dtype).removeprefix("torch.")}
     sdpa = _median_seconds(
         lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=heads != kv_heads),
-        device, repeats)
+        device,
+        repeats,
+    )
     row["sdpa_ms"] = 1000 * sdpa
     row["torch_stats / sdpa"] = _median_seconds(lambda: _torch_form(q, k, scale), device, repeats) / sdpa
     if device.type == "cuda":
         from ..attention_stats import _triton_stats
 
         if _triton_stats() is not None:
-            row["triton_stats / sdpa"] = _median_seconds(lambda: accumulated_attention(q, k, scale), device, repeats) / sdpa
+            row["triton_stats / sdpa"] = (
+                _median_seconds(lambda: accumulated_attention(q, k, scale), device, repeats) / sdpa
+            )
     else:
-        row["one_pass (attention + stats) / sdpa"] = _median_seconds(
-            lambda: attention_with_accumulated(q, k, v, scale), device, repeats) / sdpa
+        row["one_pass (attention + stats) / sdpa"] = (
+            _median_seconds(lambda: attention_with_accumulated(q, k, v, scale), device, repeats) / sdpa
+        )
     return row
 
 
@@ -87,7 +92,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for row in rows:
-        print("| " + " | ".join(f"{row[k]:.2f}" if isinstance(row.get(k), float) else str(row.get(k, "-")) for k in keys) + " |")
+        print(
+            "| "
+            + " | ".join(f"{row[k]:.2f}" if isinstance(row.get(k), float) else str(row.get(k, "-")) for k in keys)
+            + " |"
+        )
     return rows
 
 

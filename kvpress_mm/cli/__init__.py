@@ -19,8 +19,8 @@ Modules: `run` / `bench` (the commands' jobs), `preflight` (the checks before an
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from . import errors
 from .errors import PROG
@@ -37,7 +37,9 @@ class Command:
 COMMANDS = {
     "eval": Command("eval", "kvpress_mm.cli.run:run_eval", "evaluate a strategy against the full cache (default)"),
     "bench": Command(
-        "bench", "kvpress_mm.cli.bench:run_bench", "prefill / decode / memory of every strategy vs plain sdpa",
+        "bench",
+        "kvpress_mm.cli.bench:run_bench",
+        "prefill / decode / memory of every strategy vs plain sdpa",
         preflight=False,
     ),
 }
@@ -89,7 +91,7 @@ def select_target_option(argv: list[str]) -> tuple[list[str], str | None]:
     chooses_strategy = any("=" in a and a.split("=", 1)[0].lstrip("+~") == "strategy" for a in argv)
     if not chooses_strategy:
         # next to the _target_ override: after any flags (-m, --config-dir d), which Hydra wants first
-        argv = [*argv[: at[0]], "strategy=target", *argv[at[0]:]]
+        argv = [*argv[: at[0]], "strategy=target", *argv[at[0] :]]
     single = values[-1] if len(values) == 1 and not any(c in values[-1] for c in ",()[]") else None
     return argv, single
 
@@ -130,4 +132,3 @@ def _import(path: str) -> Callable:
 
 def _is_word(arg: str) -> bool:
     return not arg.startswith("-") and "=" not in arg and not arg.startswith("~")
-

@@ -21,8 +21,6 @@ cli.generate.
 
 from __future__ import annotations
 
-from kvpress_mm.bench.runner import BenchSettings
-
 import dataclasses
 import importlib
 import re
@@ -33,9 +31,11 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from kvpress_mm.bench.runner import BenchSettings
+
+from ..registry import list_strategies, strategy_class
 from .build import import_strategy_class
 from .schema import field_defaults, schema_dataclass, schema_node
-from ..registry import list_strategies, strategy_class
 
 CONFIG_MODULE = "kvpress_mm.conf"  # pyproject maps the top-level conf/ folder to this package
 
@@ -64,8 +64,8 @@ class EvalConfig:
     batch_size: int = 1
     compare_full: bool = True  # also run the full cache on the same samples (the reference row)
     progress: bool = True  # tqdm bar over samples (and over sweep points in a multirun)
-    device: Optional[str] = None  # None: the model's own device
-    threads: Optional[int] = None  # torch CPU threads (None: torch's default); pin it for comparable timings
+    device: str | None = None  # None: the model's own device
+    threads: int | None = None  # torch CPU threads (None: torch's default); pin it for comparable timings
     print_table: bool = True  # print the strategy-vs-full table at the end of a run
     result_file: str = "result.json"  # written into the run's output directory
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import NoReturn
 
 PROG = "kvpress-mm"
 EXIT_USAGE = 2  # a bad value: nothing ran

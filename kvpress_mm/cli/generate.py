@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ..registry import list_strategies, strategy_class
 from .config import (
     CLI_STRATEGY_DEFAULTS,
     CLI_TASK_DEFAULTS,
@@ -25,7 +26,6 @@ from .config import (
     task_classes,
 )
 from .schema import field_defaults
-from ..registry import list_strategies, strategy_class
 
 GENERATOR_COMMAND = "python -m kvpress_mm.cli.generate"
 # what the files said before the CLI became a package (still recognised as generated, e.g. to delete a stale one)
@@ -69,7 +69,7 @@ def model_config_text(name: str, options: list[str]) -> str:
     """The content of conf/model/<name>.yaml for a load_model name other than hub."""
     if name.startswith("tiny_"):
         what = [
-            f"tiny random-weight {name[len('tiny_'):]} model (kvpress_mm.testing.build_tiny), built offline;",
+            f"tiny random-weight {name[len('tiny_') :]} model (kvpress_mm.testing.build_tiny), built offline;",
             "for smoke runs: answers are meaningless (use task=fidelity), cache sizes and timings are real",
         ]
     else:
@@ -86,7 +86,8 @@ def _cli_default_notes(cls: type, cli_defaults: dict) -> dict[str, str]:
     python_defaults = field_defaults(cls)
     return {
         k: f"CLI default (the Python default is {_yaml_scalar(python_defaults[k])})"
-        for k in cli_defaults if k in python_defaults
+        for k in cli_defaults
+        if k in python_defaults
     }
 
 
@@ -115,17 +116,20 @@ def _module_doc(cls: type) -> str:
 
 
 def _yaml_scalar(value) -> str:
-    return OmegaConf.to_yaml({"v": value}).strip()[len("v: "):]
+    return OmegaConf.to_yaml({"v": value}).strip()[len("v: ") :]
 
 
 def expected_files() -> dict[Path, str]:
     """{path under conf/: content} of every generated config file."""
     out = {conf_dir() / "strategy" / f"{n}.yaml": strategy_config_text(n) for n in builtin_strategies()}
     out.update({conf_dir() / "task" / f"{n}.yaml": task_config_text(n, c) for n, c in task_classes().items()})
-    out.update({
-        conf_dir() / "model" / f"{n}.yaml": model_config_text(n, opts)
-        for n, opts in model_loader_options().items() if n != HUB_MODEL
-    })
+    out.update(
+        {
+            conf_dir() / "model" / f"{n}.yaml": model_config_text(n, opts)
+            for n, opts in model_loader_options().items()
+            if n != HUB_MODEL
+        }
+    )
     return out
 
 

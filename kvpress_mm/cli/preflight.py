@@ -77,8 +77,10 @@ def check_run_options(cfg: DictConfig) -> None:
         raise ConfigError("batch_size", f"must be an integer >= 1, got {batch_size}")
     threads = cfg.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
-        raise ConfigError("threads", f"must be an integer >= 0 (0 or null: torch's default; N >= 1: N torch CPU "
-                                     f"threads), got {threads!r}")
+        raise ConfigError(
+            "threads",
+            f"must be an integer >= 0 (0 or null: torch's default; N >= 1: N torch CPU threads), got {threads!r}",
+        )
     device = cfg.get("device")
     if device is not None:
         problem = device_problem(device)

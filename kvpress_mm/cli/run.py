@@ -80,10 +80,18 @@ def _run_eval(cfg: DictConfig) -> dict:
         raise ConfigError("model", str(err)) from None
     loaded = time.perf_counter()
     try:
-        result, interrupted = evaluate(
-            bundle, task, strategy,
-            batch_size=cfg.batch_size, compare_full=cfg.compare_full, progress=cfg.progress, device=cfg.device,
-        ), None
+        result, interrupted = (
+            evaluate(
+                bundle,
+                task,
+                strategy,
+                batch_size=cfg.batch_size,
+                compare_full=cfg.compare_full,
+                progress=cfg.progress,
+                device=cfg.device,
+            ),
+            None,
+        )
     except EvaluationInterrupted as stop:
         result, interrupted = stop.result, stop
     done = time.perf_counter()

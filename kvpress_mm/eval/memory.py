@@ -53,7 +53,7 @@ class PeakMemory:
         self._thread: threading.Thread | None = None
         self._sampled = 0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda" and torch.cuda.is_available():
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

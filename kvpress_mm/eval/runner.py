@@ -144,13 +144,25 @@ class _Generation:
     report: Any = None
 
 
-def _generate(bundle: ModelBundle, inputs: dict, strategy, max_new_tokens: int, device,
-              force: torch.Tensor | None = None, logits: bool = False) -> _Generation:
+def _generate(
+    bundle: ModelBundle,
+    inputs: dict,
+    strategy,
+    max_new_tokens: int,
+    device,
+    force: torch.Tensor | None = None,
+    logits: bool = False,
+) -> _Generation:
     from transformers import LogitsProcessorList
 
     model = bundle.model
-    kwargs = {**bundle.generate_kwargs, "max_new_tokens": max_new_tokens, "do_sample": False,
-              "return_dict_in_generate": True, "output_logits": logits}
+    kwargs = {
+        **bundle.generate_kwargs,
+        "max_new_tokens": max_new_tokens,
+        "do_sample": False,
+        "return_dict_in_generate": True,
+        "output_logits": logits,
+    }
     prompt_len = inputs["input_ids"].shape[1]
     if force is not None:
         kwargs["logits_processor"] = LogitsProcessorList([_ForceTokens(force, prompt_len)])
@@ -262,8 +274,16 @@ def _batches(items: list, size: int):
 # ----------------------------------------------------------------------------------------- evaluate
 
 
-def evaluate(bundle: ModelBundle, task: Task | str, strategy, *, batch_size: int = 1, compare_full: bool = True,
-             progress: bool = True, device=None) -> RunResult:
+def evaluate(
+    bundle: ModelBundle,
+    task: Task | str,
+    strategy,
+    *,
+    batch_size: int = 1,
+    compare_full: bool = True,
+    progress: bool = True,
+    device=None,
+) -> RunResult:
     """Run every sample of `task` with `strategy` (an instance, a registered name, or None = "full") on
     `bundle`; with compare_full, also with the full cache on the same samples. See the module doc."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -278,8 +298,14 @@ def evaluate(bundle: ModelBundle, task: Task | str, strategy, *, batch_size: int
 
     records: list[dict] = []
     acc = {"kept": 0.0, "before": 0.0, "after": 0.0, "rows": 0}
-    times = {"prefill": [], "decode_s": 0.0, "decode_tok": 0, "full_prefill": [], "full_decode_s": 0.0,
-             "full_decode_tok": 0}
+    times = {
+        "prefill": [],
+        "decode_s": 0.0,
+        "decode_tok": 0,
+        "full_prefill": [],
+        "full_decode_s": 0.0,
+        "full_decode_tok": 0,
+    }
     peaks = {"peak": [], "inc": [], "full_peak": [], "full_inc": []}
     memory_method = "none"
 
@@ -293,46 +319,73 @@ def evaluate(bundle: ModelBundle, task: Task | str, strategy, *, batch_size: int
                 _generate(bundle, inputs, None, WARMUP_NEW_TOKENS, device)
             full = None
             if run_full:
-                key = (id(bundle.model), bundle.name, json.dumps(task.config(), sort_keys=True, default=str),
-                       batch_size, k, fidelity_mode)
+                key = (
+                    id(bundle.model),
+                    bundle.name,
+                    json.dumps(task.config(), sort_keys=True, default=str),
+                    batch_size,
+                    k,
+                    fidelity_mode,
+                )
                 full = _FULL_RUNS.get(key)
                 if full is None:
                     full = _generate(bundle, inputs, None, task.max_new_tokens, device, logits=fidelity_mode)
                     _FULL_RUNS[key] = full
                 full_len = _lengths(full.new_tokens, eos)
             if fidelity_mode:
-                run = _generate(bundle, inputs, strategy, task.max_new_tokens, device, force=full.new_tokens, logits=True)
+                run = _generate(
+                    bundle, inputs, strategy, task.max_new_tokens, device, force=full.new_tokens, logits=True
+                )
             else:
                 run = _generate(bundle, inputs, strategy, task.max_new_tokens, device)
             report = run.report
             kept = report.kept_fraction if report is not None else 1.0
             done: list[dict] = []  # this batch's sample records (kept only once the whole batch is scored)
 
-            prompt_tokens = inputs["attention_mask"].sum(-1).tolist() if "attention_mask" in inputs else \
-                [inputs["input_ids"].shape[1]] * rows
+            prompt_tokens = (
+                inputs["attention_mask"].sum(-1).tolist()
+                if "attention_mask" in inputs
+                else [inputs["input_ids"].shape[1]] * rows
+            )
             if fidelity_mode:
                 reference = _texts(bundle, full.new_tokens, full_len)
                 for b, sample in enumerate(batch):
                     n = full_len[b]
                     m = fidelity_metrics(full.logits[b, :n], run.logits[b, :n])
-                    done.append({
-                        "id": sample.id, "prompt_tokens": int(prompt_tokens[b]),
-                        "prediction": _diverged_text(bundle, full.new_tokens[b], run.logits[b], m["matched_prefix"], n),
-                        "full_prediction": reference[b], "answer": sample.answer, "score": m["agreement"],
-                        "full_score": 1.0, **m, "batch_kept_fraction": kept, "meta": sample.meta,
-                    })
+                    done.append(
+                        {
+                            "id": sample.id,
+                            "prompt_tokens": int(prompt_tokens[b]),
+                            "prediction": _diverged_text(
+                                bundle, full.new_tokens[b], run.logits[b], m["matched_prefix"], n
+                            ),
+                            "full_prediction": reference[b],
+                            "answer": sample.answer,
+                            "score": m["agreement"],
+                            "full_score": 1.0,
+                            **m,
+                            "batch_kept_fraction": kept,
+                            "meta": sample.meta,
+                        }
+                    )
             else:
                 run_len = _lengths(run.new_tokens, eos)
                 predictions = _texts(bundle, run.new_tokens, run_len)
                 full_predictions = _texts(bundle, full.new_tokens, full_len) if full is not None else [None] * rows
                 for b, sample in enumerate(batch):
-                    done.append({
-                        "id": sample.id, "prompt_tokens": int(prompt_tokens[b]), "prediction": predictions[b],
-                        "full_prediction": full_predictions[b], "answer": sample.answer,
-                        "score": task.score(sample, predictions[b]),
-                        "full_score": task.score(sample, full_predictions[b]) if full is not None else None,
-                        "batch_kept_fraction": kept, "meta": sample.meta,
-                    })
+                    done.append(
+                        {
+                            "id": sample.id,
+                            "prompt_tokens": int(prompt_tokens[b]),
+                            "prediction": predictions[b],
+                            "full_prediction": full_predictions[b],
+                            "answer": sample.answer,
+                            "score": task.score(sample, predictions[b]),
+                            "full_score": task.score(sample, full_predictions[b]) if full is not None else None,
+                            "batch_kept_fraction": kept,
+                            "meta": sample.meta,
+                        }
+                    )
             # the batch is complete: count it (an interrupt before this point leaves no trace of it)
             if full is not None:
                 times["full_prefill"].append(full.prefill_seconds)
@@ -366,8 +419,10 @@ def evaluate(bundle: ModelBundle, task: Task | str, strategy, *, batch_size: int
         metrics["steps_mean"] = mean(r["steps"] for r in records)
     notes = [bundle.notes]
     if fidelity_mode:
-        notes.append("fidelity: score = teacher-forced greedy agreement with the full cache; metrics.kl = mean "
-                     "KL(full || strategy) per generated token; full_score is 1 by definition.")
+        notes.append(
+            "fidelity: score = teacher-forced greedy agreement with the full cache; metrics.kl = mean "
+            "KL(full || strategy) per generated token; full_score is 1 by definition."
+        )
     if not run_full:
         notes.append("full-cache reference not run (compare_full=False).")
     if not bundle.trained:
@@ -392,8 +447,9 @@ def evaluate(bundle: ModelBundle, task: Task | str, strategy, *, batch_size: int
         notes=" ".join(x for x in notes if x),
         peak_memory_increase_bytes=_max(peaks["inc"]),
         full_prefill_seconds=mean(times["full_prefill"]),
-        full_decode_tokens_per_second=(times["full_decode_tok"] / times["full_decode_s"]
-                                       if times["full_decode_s"] > 0 else None),
+        full_decode_tokens_per_second=(
+            times["full_decode_tok"] / times["full_decode_s"] if times["full_decode_s"] > 0 else None
+        ),
         full_peak_memory_bytes=_max(peaks["full_peak"]),
         full_peak_memory_increase_bytes=_max(peaks["full_inc"]),
         metrics=metrics,

@@ -31,7 +31,7 @@ class ForwardTimer:
     def _post(self, module, args, output):
         self.ends.append(self._now())
 
-    def __enter__(self) -> "ForwardTimer":
+    def __enter__(self) -> ForwardTimer:
         self._handles = [self.model.register_forward_pre_hook(self._pre), self.model.register_forward_hook(self._post)]
         return self
 

@@ -63,7 +63,7 @@ def onnx_backbone_weights(onnx_model=None) -> tuple[dict[str, np.ndarray], dict]
             consumers.setdefault(name, []).append(node)
 
     prefix = "backbone."
-    weights = {k[len(prefix):]: v for k, v in inits.items() if k.startswith(prefix)}
+    weights = {k[len(prefix) :]: v for k, v in inits.items() if k.startswith(prefix)}
     info: dict = {"matmul_weights": {}}
 
     # anonymous MatMul weights -> named after the bias added right after them
@@ -75,7 +75,7 @@ def onnx_backbone_weights(onnx_model=None) -> tuple[dict[str, np.ndarray], dict]
         if add.op_type != "Add" or len(bias) != 1 or not bias[0].startswith(prefix) or not bias[0].endswith(".bias"):
             raise ValueError(f"unexpected pattern after MatMul {node.name}: {add.op_type} {list(add.input)}")
         w = inits[node.input[1]]
-        key = bias[0][len(prefix):-len(".bias")] + ".weight"
+        key = bias[0][len(prefix) : -len(".bias")] + ".weight"
         if key in weights:
             raise ValueError(f"two MatMul weights map to {key}")
         if w.shape[1] != inits[bias[0]].shape[0]:
@@ -85,7 +85,11 @@ def onnx_backbone_weights(onnx_model=None) -> tuple[dict[str, np.ndarray], dict]
 
     # position embeddings: anonymous [1, 1, D] (CLS) and [1, n*n, D] (patch grid)
     hidden = weights["embeddings.cls_token"].shape[-1]
-    anon = {k: v for k, v in inits.items() if not k.startswith((prefix, "decoder.")) and k not in info["matmul_weights"].values()}
+    anon = {
+        k: v
+        for k, v in inits.items()
+        if not k.startswith((prefix, "decoder.")) and k not in info["matmul_weights"].values()
+    }
     cls = [k for k, v in anon.items() if v.shape == (1, 1, hidden)]
     grid = [k for k, v in anon.items() if v.ndim == 3 and v.shape[0] == 1 and v.shape[2] == hidden and v.shape[1] > 1]
     if len(cls) != 1 or len(grid) != 1:
@@ -132,7 +136,9 @@ def resample_position_embeddings(pos: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([cls, patch], dim=1)
 
 
-def dinov2_state_dict_from_onnx(onnx_model=None, image_size: int = IMAGE_SIZE) -> tuple[dict[str, torch.Tensor], object, dict]:
+def dinov2_state_dict_from_onnx(
+    onnx_model=None, image_size: int = IMAGE_SIZE
+) -> tuple[dict[str, torch.Tensor], object, dict]:
     """(state_dict for transformers' Dinov2Model, its Dinov2Config, info)."""
     weights, info = onnx_backbone_weights(onnx_model)
     layers = 1 + max(int(k.split(".")[2]) for k in weights if k.startswith("encoder.layer."))
@@ -179,7 +185,9 @@ def _backbone_output_names(graph) -> dict[str, str]:
     return {"last_hidden_state": ln_out_node.output[0], "pre_layernorm": node.input[0]}
 
 
-def onnx_backbone_features(pixel_values, onnx_path: str | os.PathLike | None = None, num_threads: int = 1) -> dict[str, np.ndarray]:
+def onnx_backbone_features(
+    pixel_values, onnx_path: str | os.PathLike | None = None, num_threads: int = 1
+) -> dict[str, np.ndarray]:
     """Run the ONNX model with onnxruntime and return the backbone's token features.
 
     pixel_values: [B, 3, 224, 224] float32 (ImageNet-normalised). Returns

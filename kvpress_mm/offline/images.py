@@ -9,8 +9,9 @@ instead stretches the image to 224 x 224 (no padding).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -119,7 +120,9 @@ def synthetic_image(seed: int = 0, size: int = IMAGE_SIZE, n_shapes: int | None 
     return img
 
 
-def synthetic_scene(seed: int = 0, size: int = IMAGE_SIZE, n_shapes: int | None = None) -> tuple[Image.Image, list[dict]]:
+def synthetic_scene(
+    seed: int = 0, size: int = IMAGE_SIZE, n_shapes: int | None = None
+) -> tuple[Image.Image, list[dict]]:
     """(image, objects) where objects = [{"shape", "color", "box": (x0, y0, x1, y1)}]."""
     rng = np.random.default_rng(seed)
     bg = int(rng.integers(90, 170))

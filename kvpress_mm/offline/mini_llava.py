@@ -30,8 +30,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -214,7 +215,9 @@ def _assemble(verbose: bool = True):
     del lm
     emb = lm_sd["model.embed_tokens.weight"]
     if emb.shape[0] != n_text_vocab or image_token_id != n_text_vocab:
-        raise RuntimeError(f"vocab mismatch: embeddings {tuple(emb.shape)}, tokenizer {n_text_vocab}, <image> {image_token_id}")
+        raise RuntimeError(
+            f"vocab mismatch: embeddings {tuple(emb.shape)}, tokenizer {n_text_vocab}, <image> {image_token_id}"
+        )
     # one new row for <image>: the mean embedding (deterministic). Its input embedding is never used
     # (LLaVA overwrites image positions with projected features); as an output row (tied lm_head) its
     # logit is the mean of all logits, so it is never predicted.
@@ -243,7 +246,7 @@ def _assemble(verbose: bool = True):
     model = LlavaForConditionalGeneration(config).eval()
     inner = model.model
     inner.language_model.load_state_dict(
-        {k[len("model."):]: v for k, v in lm_sd.items() if k.startswith("model.")}, strict=True
+        {k[len("model.") :]: v for k, v in lm_sd.items() if k.startswith("model.")}, strict=True
     )
     if config.tie_word_embeddings:
         model.tie_weights()
@@ -313,8 +316,9 @@ def _write_folder(out: Path, model, tokenizer, info: dict, projector: Path | Non
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_mini_llava(cache_dir: str | os.PathLike | None = None, force: bool = False, projector_path=None,
-                     verbose: bool = True) -> Path:
+def build_mini_llava(
+    cache_dir: str | os.PathLike | None = None, force: bool = False, projector_path=None, verbose: bool = True
+) -> Path:
     """Convert once and cache; returns the folder (LlavaForConditionalGeneration + tokenizer, safetensors).
 
     cache_dir: the cache root (default $KVPRESS_MM_CACHE, $XDG_CACHE_HOME/kvpress_mm or
@@ -404,9 +408,17 @@ class MiniLlavaProcessor:
     Every image becomes `tokens_per_image` (256) `<image>` tokens. Batches are left padded.
     """
 
-    def __init__(self, tokenizer, tokens_per_image: int = TOKENS_PER_IMAGE, image_size: int = IMAGE_SIZE,
-                 image_token: str = IMAGE_TOKEN, resize_mode: str = "pad", dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", separator: str = "\n"):
+    def __init__(
+        self,
+        tokenizer,
+        tokens_per_image: int = TOKENS_PER_IMAGE,
+        image_size: int = IMAGE_SIZE,
+        image_token: str = IMAGE_TOKEN,
+        resize_mode: str = "pad",
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        separator: str = "\n",
+    ):
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
         self.image_token = image_token
@@ -422,7 +434,7 @@ class MiniLlavaProcessor:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "MiniLlavaProcessor":
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> MiniLlavaProcessor:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -468,7 +480,9 @@ class MiniLlavaProcessor:
             return conversation
         return [{"role": "user", "content": conversation}]
 
-    def render(self, conversation, images: Sequence | None = None, add_generation_prompt: bool = True) -> tuple[str, list]:
+    def render(
+        self, conversation, images: Sequence | None = None, add_generation_prompt: bool = True
+    ) -> tuple[str, list]:
         """(prompt string with one `<image>` per image, the images in order).
 
         With images=None, images referenced but not given inline come back as None.
@@ -511,22 +525,25 @@ class MiniLlavaProcessor:
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for b, r in enumerate(rows):
             if r:
-                input_ids[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
-                attention_mask[b, width - len(r):] = 1
+                input_ids[b, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+                attention_mask[b, width - len(r) :] = 1
         out = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
         if images:
             out["pixel_values"] = self.preprocess_images(images).to(device=device, dtype=dtype)
         return out
 
-    def prepare_inputs(self, conversations, images: Sequence | None = None, add_generation_prompt: bool = True,
-                       device=None, dtype=None) -> dict[str, torch.Tensor]:
+    def prepare_inputs(
+        self, conversations, images: Sequence | None = None, add_generation_prompt: bool = True, device=None, dtype=None
+    ) -> dict[str, torch.Tensor]:
         """dict(input_ids, attention_mask[, pixel_values]) for model(**inputs) / model.generate(**inputs).
 
         `conversations` is one conversation (see the class doc) or a batch: a list of lists (e.g.
         [["q1"], [img, "q2"]]). For a batch, `images` is a list with one list of images per row.
         """
-        is_batch = isinstance(conversations, (list, tuple)) and len(conversations) > 0 and all(
-            isinstance(c, (list, tuple)) for c in conversations
+        is_batch = (
+            isinstance(conversations, (list, tuple))
+            and len(conversations) > 0
+            and all(isinstance(c, (list, tuple)) for c in conversations)
         )
         if not is_batch:
             conversations, images = [conversations], [images]

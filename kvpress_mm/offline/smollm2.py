@@ -10,7 +10,6 @@ Needs the optional packages `gguf` and `accelerate`.
 
 from __future__ import annotations
 
-
 import torch
 
 from .paths import SMOLLM2_GGUF_FILE, smollm2_gguf_dir

@@ -12,8 +12,8 @@ e.g. rows = [[("text", 5), ("image",), ("text", 7)], [("image",), ("text", 3)]]
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -23,7 +23,7 @@ Row = list[tuple]
 
 # family name -> builder(dtype=, seed=) -> TinyModel; every module of kvpress_mm.testing is imported on first
 # use and registers its families with @tiny_builder, so a new family is a new module there
-BUILDERS: Registry[Callable[..., "TinyModel"]] = Registry(
+BUILDERS: Registry[Callable[..., TinyModel]] = Registry(
     "tiny model family",
     listing="known",
     builtins="kvpress_mm.testing",
@@ -95,6 +95,6 @@ def left_pad(rows_ids: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, t
     ids = torch.full((len(rows_ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows_ids), width), dtype=torch.long)
     for i, r in enumerate(rows_ids):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
     return ids, mask

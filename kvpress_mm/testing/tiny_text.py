@@ -16,7 +16,7 @@ segment lengths. Generation never stops early: `generation_config.eos_token_id` 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -35,7 +35,7 @@ def patch_labels(scene, grid: int = 16, min_shape: float = 0.25, min_text: float
                 bx0, by0, bx1, by1 = obj.box
                 if bx1 <= x0 or bx0 >= x0 + size or by1 <= y0 or by0 >= y0 + size:
                     continue
-                region = px[y0:y0 + size, x0:x0 + size]
+                region = px[y0 : y0 + size, x0 : x0 + size]
                 frac = float((region == np.array(COLORS[obj.color])).all(-1).mean())
                 if frac >= (min_shape if obj.kind == "shape" else min_text) and frac > best_frac:
                     best, best_frac = k, frac
@@ -48,8 +48,9 @@ def _word_vector(tokenizer, emb: torch.Tensor, word: str) -> torch.Tensor:
     return emb[ids].mean(0)
 
 
-def alignment_targets(scenes, tokenizer, emb: torch.Tensor, background_fraction: float = 0.15,
-                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def alignment_targets(
+    scenes, tokenizer, emb: torch.Tensor, background_fraction: float = 0.15, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(index [M, 2] = (image, patch), targets [M, H]) for the object patches of `scenes` and a random
     `background_fraction` of the background patches."""
     rng = random.Random(f"align:{seed}")
@@ -81,8 +82,18 @@ def alignment_targets(scenes, tokenizer, emb: torch.Tensor, background_fraction:
     return torch.tensor(index, dtype=torch.long), torch.stack(targets).float()
 
 
-def align_projector(projector, features: torch.Tensor, scenes, tokenizer, emb: torch.Tensor, steps: int = 300,
-                    batch_tokens: int = 2048, lr: float = 2e-3, seed: int = 0, progress: bool = True) -> list[float]:
+def align_projector(
+    projector,
+    features: torch.Tensor,
+    scenes,
+    tokenizer,
+    emb: torch.Tensor,
+    steps: int = 300,
+    batch_tokens: int = 2048,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
     """Train `projector` (in place) to map object patches onto word embeddings; returns the loss per step
     (MSE relative to the embedding variance)."""
     from tqdm.auto import tqdm

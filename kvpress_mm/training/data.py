@@ -23,16 +23,23 @@ from kvpress_mm.vision_data import QA, Scene, multi, questions_for
 IGNORE = -100
 
 # how likely each question type is to be asked about an image (when applicable)
-DEFAULT_QTYPE_WEIGHTS = {"colour": 1.0, "shape": 1.0, "digit": 1.0, "word": 0.6, "count": 0.6,
-                         "position": 0.5, "caption": 0.4}
+DEFAULT_QTYPE_WEIGHTS = {
+    "colour": 1.0,
+    "shape": 1.0,
+    "digit": 1.0,
+    "word": 0.6,
+    "count": 0.6,
+    "position": 0.5,
+    "caption": 0.4,
+}
 
 
 @dataclass
 class Example:
-    input_ids: list[int]      # image placeholder already expanded to `image_tokens` ids
+    input_ids: list[int]  # image placeholder already expanded to `image_tokens` ids
     labels: list[int]
-    weights: list[float]      # per label token: 1 / (tokens of its answer), so each answer counts once
-    image_index: int | list[int]   # row(s) of the batch's feature tensor, one per image in prompt order
+    weights: list[float]  # per label token: 1 / (tokens of its answer), so each answer counts once
+    image_index: int | list[int]  # row(s) of the batch's feature tensor, one per image in prompt order
     qas: list[QA]
 
     @property
@@ -74,7 +81,9 @@ class ExampleBuilder:
             out.append({"role": "assistant", "content": qa.answer})
         return out
 
-    def build(self, qas: list[QA], image_index: int | list[int], image_tokens: int, segments: list | None = None) -> Example:
+    def build(
+        self, qas: list[QA], image_index: int | list[int], image_tokens: int, segments: list | None = None
+    ) -> Example:
         msgs = self.messages(qas, segments)
         tpl = self.tokenizer.apply_chat_template
         full = tpl(msgs, tokenize=False, add_generation_prompt=False)
@@ -86,9 +95,9 @@ class ExampleBuilder:
                 raise ValueError("the chat template does not render turns as prefixes")
             end_token = self.tokenizer.eos_token or "<|im_end|>"
             answer = qa.answer + end_token
-            if full[len(prompt): len(prompt) + len(answer)] != answer:
-                raise ValueError(f"unexpected rendering of the answer {answer!r} in {full[len(prompt):][:60]!r}")
-            pieces.append((full[pos:len(prompt)], False))
+            if full[len(prompt) : len(prompt) + len(answer)] != answer:
+                raise ValueError(f"unexpected rendering of the answer {answer!r} in {full[len(prompt) :][:60]!r}")
+            pieces.append((full[pos : len(prompt)], False))
             pieces.append((answer, True))
             pos = len(prompt) + len(answer)
         if pos < len(full):
@@ -127,10 +136,17 @@ def single_object_pools(scenes: list[Scene]) -> dict[str, list[int]]:
     return pools
 
 
-def multi_image_episode(scenes: list[Scene], target: int, pools: dict[str, list[int]], rng: random.Random,
-                        max_turns: int, filler=None, max_filler_tokens: int = 0,
-                        weights: dict[str, float] | None = None,
-                        count_share: float = 0.0) -> tuple[list, list[int], list[QA]] | None:
+def multi_image_episode(
+    scenes: list[Scene],
+    target: int,
+    pools: dict[str, list[int]],
+    rng: random.Random,
+    max_turns: int,
+    filler=None,
+    max_filler_tokens: int = 0,
+    weights: dict[str, float] | None = None,
+    count_share: float = 0.0,
+) -> tuple[list, list[int], list[QA]] | None:
     """(segments, image indices, QAs) of a 2-4 image prompt about scene `target`, or None when `target` is not a
     single-object scene. segments: strings, None where an image goes (the images in `image indices` order).
 
@@ -149,9 +165,18 @@ def multi_image_episode(scenes: list[Scene], target: int, pools: dict[str, list[
     kind = multi.unique_kind(scene)
     if by_kind:
         if kind == "star" and rng.random() < 0.4:
-            kind = "shape"            # the star as the only shape among digits
-        others = [i for i in (pools["shape"] + pools["star"] if kind == "digit" else
-                              pools["digit"] if kind == "shape" else pools["shape"]) if i != target]
+            kind = "shape"  # the star as the only shape among digits
+        others = [
+            i
+            for i in (
+                pools["shape"] + pools["star"]
+                if kind == "digit"
+                else pools["digit"]
+                if kind == "shape"
+                else pools["shape"]
+            )
+            if i != target
+        ]
     else:
         others = [i for i in pools["all"] if i != target]
     if len(others) < n - 1:
@@ -163,8 +188,9 @@ def multi_image_episode(scenes: list[Scene], target: int, pools: dict[str, list[
     use_names = not by_kind and rng.random() < 0.5
     labels = [multi.name_label(names[k]) if use_names else multi.index_label(k) for k in range(n)]
     segments = _segments(labels, rng, filler, max_filler_tokens)
-    first = _pick(multi.unique_questions(scene, kind) if by_kind else multi.label_questions(scene, labels[pos][1]),
-                  rng, weights)
+    first = _pick(
+        multi.unique_questions(scene, kind) if by_kind else multi.label_questions(scene, labels[pos][1]), rng, weights
+    )
     return segments, indices, [first] + _follow_ups(scenes, indices, labels, [pos], rng, max_turns, weights)
 
 
@@ -227,5 +253,10 @@ def collate(examples: list[Example], features: torch.Tensor, pad_id: int) -> dic
         labels[i, :n] = torch.tensor(e.labels)
         weights[i, :n] = torch.tensor(e.weights)
     image_features = features[[i for e in examples for i in e.image_indices]].float()
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weights": weights,
-            "image_features": image_features}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "weights": weights,
+        "image_features": image_features,
+    }

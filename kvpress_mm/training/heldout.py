@@ -49,8 +49,9 @@ def heldout_items(n_per_type: int = 20, seed: int = HELDOUT_SEED, qtypes=HELDOUT
                 question, expected = QUESTIONS["digit"], digit
             else:
                 raise ValueError(f"unknown held-out question type {qtype!r}; known: {HELDOUT_TYPES}")
-            items.append({"id": f"{qtype}-{k}", "qtype": qtype, "image": scene.image, "question": question,
-                          "expected": expected})
+            items.append(
+                {"id": f"{qtype}-{k}", "qtype": qtype, "image": scene.image, "question": question, "expected": expected}
+            )
     return items
 
 
@@ -58,8 +59,15 @@ def score_answer(prediction: str, qtype: str, expected: str) -> bool:
     return exclusive_match(prediction, expected, VOCABULARY[qtype])
 
 
-def evaluate_heldout(model, processor, items: list[dict] | None = None, n_per_type: int = 20, batch_size: int = 8,
-                     max_new_tokens: int = 8, progress: bool = True) -> dict:
+def evaluate_heldout(
+    model,
+    processor,
+    items: list[dict] | None = None,
+    n_per_type: int = 20,
+    batch_size: int = 8,
+    max_new_tokens: int = 8,
+    progress: bool = True,
+) -> dict:
     """{"accuracy", "per_type": {qtype: accuracy}, "n", "seconds", "samples": [...]} for greedy answers."""
     from tqdm.auto import tqdm
 
@@ -67,16 +75,25 @@ def evaluate_heldout(model, processor, items: list[dict] | None = None, n_per_ty
     t0 = time.time()
     samples = []
     for i in tqdm(range(0, len(items), batch_size), desc="held-out", disable=not progress):
-        chunk = items[i:i + batch_size]
+        chunk = items[i : i + batch_size]
         inputs = processor.prepare_inputs([[it["image"], it["question"]] for it in chunk])
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=processor.pad_token_id)
-        texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=processor.pad_token_id
+            )
+        texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         for it, text in zip(chunk, texts):
             text = text.strip()
-            samples.append({"id": it["id"], "qtype": it["qtype"], "question": it["question"], "expected": it["expected"],
-                            "prediction": text, "correct": score_answer(text, it["qtype"], it["expected"])})
+            samples.append(
+                {
+                    "id": it["id"],
+                    "qtype": it["qtype"],
+                    "question": it["question"],
+                    "expected": it["expected"],
+                    "prediction": text,
+                    "correct": score_answer(text, it["qtype"], it["expected"]),
+                }
+            )
     per_type = {}
     for qtype in dict.fromkeys(s["qtype"] for s in samples):
         rows = [s for s in samples if s["qtype"] == qtype]

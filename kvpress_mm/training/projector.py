@@ -22,8 +22,9 @@ from kvpress_mm.offline.mini_llava import PROJECTOR_KEYS
 
 
 class StandardizedProjector(nn.Module):
-    def __init__(self, in_dim: int, hidden: int, out_dim: int, mean: torch.Tensor, std: torch.Tensor,
-                 act: str = "gelu"):
+    def __init__(
+        self, in_dim: int, hidden: int, out_dim: int, mean: torch.Tensor, std: torch.Tensor, act: str = "gelu"
+    ):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, hidden)
         self.linear_2 = nn.Linear(hidden, out_dim)
@@ -34,7 +35,7 @@ class StandardizedProjector(nn.Module):
         self.register_buffer("std", std.detach().float().clamp_min(1e-3).clone())
 
     @classmethod
-    def like(cls, llava_projector: nn.Module, mean, std) -> "StandardizedProjector":
+    def like(cls, llava_projector: nn.Module, mean, std) -> StandardizedProjector:
         l1, l2 = llava_projector.linear_1, llava_projector.linear_2
         return cls(l1.in_features, l1.out_features, l2.out_features, mean, std)
 
@@ -112,8 +113,9 @@ def save_llava_projector(state: dict[str, torch.Tensor], path, metadata: dict | 
     return path
 
 
-def average_projectors(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor],
-                       weight: float = 0.5) -> dict[str, torch.Tensor]:
+def average_projectors(
+    first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], weight: float = 0.5
+) -> dict[str, torch.Tensor]:
     """(1 - weight) * first + weight * second, tensor by tensor: a "model soup" of two projectors fine-tuned
     from the same start (stage 3 from stage 2), which keeps most of what each stage learned."""
     if set(first) != set(second) or any(first[k].shape != second[k].shape for k in first):

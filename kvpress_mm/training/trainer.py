@@ -39,24 +39,24 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    image_tokens: tuple[int, ...] = (256,)   # cycled per step; inference always uses 256
+    image_tokens: tuple[int, ...] = (256,)  # cycled per step; inference always uses 256
     threads: int | None = None
-    out: str | None = None                   # default: kvpress_mm/offline/projector.safetensors
+    out: str | None = None  # default: kvpress_mm/offline/projector.safetensors
     log_dir: str = "runs/projector"
     cache_dir: str | None = None
     save_every: int = 25
     time_limit_minutes: float | None = None  # stop early (and save) when exceeded
-    stop_after: int | None = None            # stop (and save) after this many steps; the schedule still uses `steps`
+    stop_after: int | None = None  # stop (and save) after this many steps; the schedule still uses `steps`
     resume: bool = False
     progress: bool = True
-    init: str | None = None                  # start from this projector file (a previous stage) instead of a fresh init
-    qtype_weights: dict | None = None        # question type -> weight (default data.DEFAULT_QTYPE_WEIGHTS)
-    align_steps: int = 0                     # warm start (align.py) before the cross-entropy steps; 0 = none
+    init: str | None = None  # start from this projector file (a previous stage) instead of a fresh init
+    qtype_weights: dict | None = None  # question type -> weight (default data.DEFAULT_QTYPE_WEIGHTS)
+    align_steps: int = 0  # warm start (align.py) before the cross-entropy steps; 0 = none
     align_lr: float = 2e-3
-    multi_image: float = 0.0                 # fraction of examples that are 2-4 image prompts (data.multi_image_episode)
-    multi_filler_tokens: int = 0             # up to this much filler text after each image of half the multi-image prompts
-    multi_count: float = 0.0                 # share of the multi-image prompts that ask how many images show a digit
-    micro_batch: int | None = None           # examples per forward (gradients accumulated; None = the whole batch).
+    multi_image: float = 0.0  # fraction of examples that are 2-4 image prompts (data.multi_image_episode)
+    multi_filler_tokens: int = 0  # up to this much filler text after each image of half the multi-image prompts
+    multi_count: float = 0.0  # share of the multi-image prompts that ask how many images show a digit
+    micro_batch: int | None = None  # examples per forward (gradients accumulated; None = the whole batch).
     #                                         Same loss; avoids padding long multi-image rows and short rows together
     kinds: dict = field(default_factory=lambda: dict(DEFAULT_KINDS))
 
@@ -76,7 +76,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def projector_loss(model, projector, batch: dict, image_token_id: int, normaliser: float | None = None) -> tuple[torch.Tensor, dict]:
+def projector_loss(
+    model, projector, batch: dict, image_token_id: int, normaliser: float | None = None
+) -> tuple[torch.Tensor, dict]:
     """(loss, stats): the weighted answer cross-entropy of one batch, as LLaVA's forward would compute it with
     these image features (image positions of the input embeddings replaced by the projected features).
     The weighted sum is divided by `normaliser` (default: the batch's total answer weight)."""
@@ -133,7 +135,9 @@ def train(cfg: TrainConfig, model=None, processor=None, log=print) -> dict:
     out = cfg.resolved_out()
 
     t0 = time.time()
-    features, scenes = cached_features(model, cfg.seed, cfg.n_images, cfg.kinds, cfg.cache_dir, progress=cfg.progress, log=log)
+    features, scenes = cached_features(
+        model, cfg.seed, cfg.n_images, cfg.kinds, cfg.cache_dir, progress=cfg.progress, log=log
+    )
     feature_seconds = time.time() - t0
     mean, std = channel_stats(features)
     projector = StandardizedProjector.like(model.model.multi_modal_projector, mean, std)
@@ -148,11 +152,21 @@ def train(cfg: TrainConfig, model=None, processor=None, log=print) -> dict:
         from .align import align_projector
 
         t1 = time.time()
-        align_losses = align_projector(projector, features, scenes, processor.tokenizer,
-                                       model.model.language_model.embed_tokens.weight, steps=cfg.align_steps,
-                                       lr=cfg.align_lr, seed=cfg.seed, progress=cfg.progress)
-        log(f"[train] alignment warm start: {cfg.align_steps} steps, loss {align_losses[0]:.3f} -> "
-            f"{align_losses[-1]:.3f} in {time.time() - t1:.0f} s")
+        align_losses = align_projector(
+            projector,
+            features,
+            scenes,
+            processor.tokenizer,
+            model.model.language_model.embed_tokens.weight,
+            steps=cfg.align_steps,
+            lr=cfg.align_lr,
+            seed=cfg.seed,
+            progress=cfg.progress,
+        )
+        log(
+            f"[train] alignment warm start: {cfg.align_steps} steps, loss {align_losses[0]:.3f} -> "
+            f"{align_losses[-1]:.3f} in {time.time() - t1:.0f} s"
+        )
     optimizer = torch.optim.AdamW(projector.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     builder = ExampleBuilder(processor)
     pad_id = processor.pad_token_id if getattr(processor, "pad_token_id", None) is not None else 0
@@ -174,12 +188,22 @@ def train(cfg: TrainConfig, model=None, processor=None, log=print) -> dict:
     csv_file = open(csv_path, "a", newline="")
     writer = csv.writer(csv_file)
     if new_csv:
-        writer.writerow(["step", "loss", "loss_ema", "token_loss", "token_acc", "lr", "image_tokens", "tokens", "seconds"])
+        writer.writerow(
+            ["step", "loss", "loss_ema", "token_loss", "token_acc", "lr", "image_tokens", "tokens", "seconds"]
+        )
 
     def save(step: int, train_seconds: float):
         save_llava_projector(projector.llava_state_dict(), out, {"step": step, "seed": cfg.seed})
-        torch.save({"projector": projector.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                    "train_seconds": train_seconds, "config": asdict(cfg)}, state_path)
+        torch.save(
+            {
+                "projector": projector.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "train_seconds": train_seconds,
+                "config": asdict(cfg),
+            },
+            state_path,
+        )
 
     # a fixed order of images per epoch, drawn from the seed
     order_rng = random.Random(f"order:{cfg.seed}")
@@ -206,8 +230,9 @@ def train(cfg: TrainConfig, model=None, processor=None, log=print) -> dict:
         idx = image_at(k)
         rng = random.Random(f"qa:{cfg.seed}:{k}")
         if cfg.multi_image and rng.random() < cfg.multi_image:
-            episode = multi_image_episode(scenes, idx, pools, rng, cfg.turns, filler, cfg.multi_filler_tokens,
-                                          cfg.qtype_weights, cfg.multi_count)
+            episode = multi_image_episode(
+                scenes, idx, pools, rng, cfg.turns, filler, cfg.multi_filler_tokens, cfg.qtype_weights, cfg.multi_count
+            )
             if episode is not None:
                 segments, rows, qas = episode
                 return builder.build(qas, list(range(slot, slot + len(rows))), tokens, segments), rows
@@ -217,8 +242,14 @@ def train(cfg: TrainConfig, model=None, processor=None, log=print) -> dict:
     ema = None
     history = []
     t_train = time.time()
-    bar = tqdm(range(start_step, cfg.steps), desc="train projector", initial=start_step, total=cfg.steps,
-               disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(
+        range(start_step, cfg.steps),
+        desc="train projector",
+        initial=start_step,
+        total=cfg.steps,
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
     step = start_step
     stopped_early = False
     for step in bar:
@@ -236,11 +267,13 @@ def train(cfg: TrainConfig, model=None, processor=None, log=print) -> dict:
         total_weight = sum(sum(e.weights) for e in examples)
         loss, stats, offset = 0.0, {"token_loss": 0.0, "token_acc": 0.0, "tokens": 0, "targets": 0}, 0
         for a in range(0, len(examples), micro):
-            part = examples[a:a + micro]
+            part = examples[a : a + micro]
             n_rows = sum(len(e.image_indices) for e in part)
-            renumbered = [Example(e.input_ids, e.labels, e.weights, list(range(r, r + len(e.image_indices))), e.qas)
-                          for e, r in zip(part, _offsets(part))]
-            batch = collate(renumbered, feats[offset:offset + n_rows], pad_id)
+            renumbered = [
+                Example(e.input_ids, e.labels, e.weights, list(range(r, r + len(e.image_indices))), e.qas)
+                for e, r in zip(part, _offsets(part))
+            ]
+            batch = collate(renumbered, feats[offset : offset + n_rows], pad_id)
             offset += n_rows
             part_loss, part_stats = projector_loss(model, projector, batch, builder.image_token_id, total_weight)
             part_loss.backward()
@@ -260,8 +293,17 @@ def train(cfg: TrainConfig, model=None, processor=None, log=print) -> dict:
             raise FloatingPointError(f"non-finite loss {value} at step {step}")
         ema = value if ema is None else 0.95 * ema + 0.05 * value
         elapsed = time.time() - t_train + train_seconds_before
-        row = [step + 1, round(value, 5), round(ema, 5), round(stats["token_loss"], 5), round(stats["token_acc"], 4),
-               f"{lr_at(step, cfg):.3g}", tokens, stats["tokens"], round(elapsed, 1)]
+        row = [
+            step + 1,
+            round(value, 5),
+            round(ema, 5),
+            round(stats["token_loss"], 5),
+            round(stats["token_acc"], 4),
+            f"{lr_at(step, cfg):.3g}",
+            tokens,
+            stats["tokens"],
+            round(elapsed, 1),
+        ]
         writer.writerow(row)
         csv_file.flush()
         history.append({"step": step + 1, "loss": value, "loss_ema": ema, "token_acc": stats["token_acc"]})
@@ -314,5 +356,12 @@ def _curve(rows: list[dict], points: int = 12) -> list[dict]:
         return []
     n = len(rows)
     idx = sorted({min(n - 1, round(i * (n - 1) / (points - 1))) for i in range(points)})
-    return [{"step": int(rows[i]["step"]), "loss": float(rows[i]["loss"]), "loss_ema": float(rows[i]["loss_ema"]),
-             "token_acc": float(rows[i]["token_acc"])} for i in idx]
+    return [
+        {
+            "step": int(rows[i]["step"]),
+            "loss": float(rows[i]["loss"]),
+            "loss_ema": float(rows[i]["loss_ema"]),
+            "token_acc": float(rows[i]["token_acc"]),
+        }
+        for i in idx
+    ]

@@ -6,10 +6,49 @@
 """
 
 from . import multi
-from .questions import NUMBER_WORDS, NUMBER_WORDS_MAP, QA, QTYPES, answer_matches, caption, exclusive_match, questions_for
-from .scenes import COLORS, DIGITS, IMAGE_SIZE, KINDS, SHAPES, WORDS, Scene, SceneObject, make_scene, scene_seed, scene_stream
+from .questions import (
+    NUMBER_WORDS,
+    NUMBER_WORDS_MAP,
+    QA,
+    QTYPES,
+    answer_matches,
+    caption,
+    exclusive_match,
+    questions_for,
+)
+from .scenes import (
+    COLORS,
+    DIGITS,
+    IMAGE_SIZE,
+    KINDS,
+    SHAPES,
+    WORDS,
+    Scene,
+    SceneObject,
+    make_scene,
+    scene_seed,
+    scene_stream,
+)
 
 __all__ = [
-    "COLORS", "DIGITS", "NUMBER_WORDS", "NUMBER_WORDS_MAP", "IMAGE_SIZE", "KINDS", "QA", "QTYPES", "SHAPES", "WORDS", "Scene", "SceneObject",
-    "answer_matches", "multi", "caption", "exclusive_match", "make_scene", "questions_for", "scene_seed", "scene_stream",
+    "COLORS",
+    "DIGITS",
+    "NUMBER_WORDS",
+    "NUMBER_WORDS_MAP",
+    "IMAGE_SIZE",
+    "KINDS",
+    "QA",
+    "QTYPES",
+    "SHAPES",
+    "WORDS",
+    "Scene",
+    "SceneObject",
+    "answer_matches",
+    "multi",
+    "caption",
+    "exclusive_match",
+    "make_scene",
+    "questions_for",
+    "scene_seed",
+    "scene_stream",
 ]

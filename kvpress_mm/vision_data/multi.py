@@ -18,8 +18,24 @@ from .scenes import Scene
 
 INTRO = "Here are some images."
 # names for "<name>'s picture:" labels (the filler text of the tasks never uses them)
-LABEL_NAMES = ("Marta", "Tobias", "Greta", "Samuel", "Nadia", "Victor", "Elena", "Bruno", "Clara", "Dmitri",
-               "Sofia", "Ingrid", "Rafael", "Yuki", "Lars", "Amara")
+LABEL_NAMES = (
+    "Marta",
+    "Tobias",
+    "Greta",
+    "Samuel",
+    "Nadia",
+    "Victor",
+    "Elena",
+    "Bruno",
+    "Clara",
+    "Dmitri",
+    "Sofia",
+    "Ingrid",
+    "Rafael",
+    "Yuki",
+    "Lars",
+    "Amara",
+)
 UNIQUE_KINDS = ("digit", "shape", "star")
 
 
@@ -54,7 +70,7 @@ def label_questions(scene: Scene, ref: str) -> list[QA]:
 
 
 def unique_kind(scene: Scene) -> str:
-    """"digit", "star" or "shape": what makes this image the needle among images of another kind."""
+    """ "digit", "star" or "shape": what makes this image the needle among images of another kind."""
     obj = object_of(scene)
     if obj.kind == "digit":
         return "digit"
@@ -67,19 +83,23 @@ def unique_questions(scene: Scene, kind: str) -> list[QA]:
     obj = object_of(scene)
     if kind == "digit":
         lead = "One of the images shows a digit."
-        return [QA(f"{lead} Which digit is it?", obj.text, "digit", obj.text),
-                QA(f"{lead} What colour is the digit?", obj.color, "colour", obj.color)]
+        return [
+            QA(f"{lead} Which digit is it?", obj.text, "digit", obj.text),
+            QA(f"{lead} What colour is the digit?", obj.color, "colour", obj.color),
+        ]
     if kind == "shape":
         lead = "One of the images shows a shape."
-        return [QA(f"{lead} Which shape is it?", obj.shape, "shape", obj.shape),
-                QA(f"{lead} What colour is the shape?", obj.color, "colour", obj.color)]
+        return [
+            QA(f"{lead} Which shape is it?", obj.shape, "shape", obj.shape),
+            QA(f"{lead} What colour is the shape?", obj.color, "colour", obj.color),
+        ]
     if kind == "star":
         return [QA("One of the images shows a star. What colour is the star?", obj.color, "colour", obj.color)]
     raise ValueError(f"unknown needle kind {kind!r}; known: {UNIQUE_KINDS}")
 
 
 def count_question(what: str = "a digit") -> str:
-    """"How many of the images show a digit?" (what: "a digit", "a red shape", ...)."""
+    """ "How many of the images show a digit?" (what: "a digit", "a red shape", ...)."""
     return f"How many of the images show {what}? Answer with a number."
 
 

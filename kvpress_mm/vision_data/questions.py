@@ -50,8 +50,14 @@ COUNT_TEMPLATES = (
     ("How many shapes can you see?", "shape"),
     ("How many objects are in the image?", "object"),
 )
-HORIZONTAL_TEMPLATES = ("Is the {noun} on the left or on the right?", "Is the {noun} on the left or the right side of the image?")
-VERTICAL_TEMPLATES = ("Is the {noun} at the top or at the bottom?", "Is the {noun} in the top or the bottom half of the image?")
+HORIZONTAL_TEMPLATES = (
+    "Is the {noun} on the left or on the right?",
+    "Is the {noun} on the left or the right side of the image?",
+)
+VERTICAL_TEMPLATES = (
+    "Is the {noun} at the top or at the bottom?",
+    "Is the {noun} in the top or the bottom half of the image?",
+)
 CAPTION_TEMPLATES = ("Describe the image.", "What is in the image?", "Describe the image in one sentence.")
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
@@ -74,7 +80,7 @@ def _noun(obj: SceneObject) -> str:
 
 
 def describe(obj: SceneObject) -> str:
-    """"a red circle", "the digit 7 in blue", "the word "cat" in green"."""
+    """ "a red circle", "the digit 7 in blue", "the word "cat" in green"."""
     if obj.kind == "shape":
         return f"a {obj.color} {obj.shape}"
     if obj.kind == "digit":

@@ -85,12 +85,12 @@ class SceneObject:
         return next(name for limit, name in SIZE_NAMES if side < limit)
 
     def horizontal(self, image_size: int = IMAGE_SIZE) -> str | None:
-        """"left" / "right" when the centre is clearly on one side (outer 40 %), "center" in the middle
+        """ "left" / "right" when the centre is clearly on one side (outer 40 %), "center" in the middle
         fifth, None when ambiguous."""
         return _side(self.center[0] / image_size, "left", "right")
 
     def vertical(self, image_size: int = IMAGE_SIZE) -> str | None:
-        """"top" / "bottom" / "center" / None, as `horizontal`."""
+        """ "top" / "bottom" / "center" / None, as `horizontal`."""
         return _side(self.center[1] / image_size, "top", "bottom")
 
 
@@ -155,14 +155,22 @@ def _background(rng: random.Random) -> tuple[int, int, int]:
     return tuple(max(0, min(255, g + rng.randrange(-12, 13))) for _ in range(3))
 
 
-def _place(rng: random.Random, w: int, h: int, taken: list[tuple[int, int, int, int]], size: int,
-           margin: int = 6, tries: int = 200) -> tuple[int, int] | None:
+def _place(
+    rng: random.Random,
+    w: int,
+    h: int,
+    taken: list[tuple[int, int, int, int]],
+    size: int,
+    margin: int = 6,
+    tries: int = 200,
+) -> tuple[int, int] | None:
     """Top-left corner for a w x h box inside the image, not overlapping `taken` (with a margin)."""
     for _ in range(tries):
         x = rng.randrange(margin, max(margin + 1, size - w - margin))
         y = rng.randrange(margin, max(margin + 1, size - h - margin))
-        if all(x + w + margin <= a or c + margin <= x or y + h + margin <= b or d + margin <= y
-               for a, b, c, d in taken):
+        if all(
+            x + w + margin <= a or c + margin <= x or y + h + margin <= b or d + margin <= y for a, b, c, d in taken
+        ):
             return x, y
     return None
 
@@ -198,10 +206,18 @@ def _text_color(rng: random.Random, colors: tuple[str, ...]) -> str:
 # ----------------------------------------------------------------------------- scenes
 
 
-def make_scene(seed: int, kind: str | None = None, size: int = IMAGE_SIZE, colors: tuple[str, ...] | None = None,
-               shapes: tuple[str, ...] | None = None, n_objects: int | None = None,
-               digit: str | None = None, word: str | None = None, color: str | None = None,
-               shape: str | None = None) -> Scene:
+def make_scene(
+    seed: int,
+    kind: str | None = None,
+    size: int = IMAGE_SIZE,
+    colors: tuple[str, ...] | None = None,
+    shapes: tuple[str, ...] | None = None,
+    n_objects: int | None = None,
+    digit: str | None = None,
+    word: str | None = None,
+    color: str | None = None,
+    shape: str | None = None,
+) -> Scene:
     """A deterministic scene from `seed`. kind: one of KINDS (None: drawn from the seed).
 
     colors / shapes restrict the palette; n_objects (multi / shapes kinds) fixes the object count;
@@ -209,8 +225,11 @@ def make_scene(seed: int, kind: str | None = None, size: int = IMAGE_SIZE, color
     multi / shapes scenes).
     """
     rng = random.Random(f"scene:{seed}")
-    kind = kind if kind is not None else rng.choice(("single_shape", "single_shape", "single_digit", "single_digit",
-                                                      "multi", "single_word"))
+    kind = (
+        kind
+        if kind is not None
+        else rng.choice(("single_shape", "single_shape", "single_digit", "single_digit", "multi", "single_word"))
+    )
     if kind not in KINDS:
         raise ValueError(f"unknown scene kind {kind!r}; known: {KINDS}")
     colors = tuple(colors or COLORS)
@@ -227,12 +246,14 @@ def make_scene(seed: int, kind: str | None = None, size: int = IMAGE_SIZE, color
         _add_shape(draw, rng, objects, taken, size, color or rng.choice(colors), shape or rng.choice(shapes), side)
     elif kind == "single_digit":
         fs = int(rng.randrange(70, 150) * scale)
-        _add_text(draw, rng, objects, taken, size, color or _text_color(rng, colors), "digit",
-                  digit or rng.choice(DIGITS), fs)
+        _add_text(
+            draw, rng, objects, taken, size, color or _text_color(rng, colors), "digit", digit or rng.choice(DIGITS), fs
+        )
     elif kind == "single_word":
         fs = int(rng.randrange(40, 64) * scale)
-        _add_text(draw, rng, objects, taken, size, color or _text_color(rng, colors), "word",
-                  word or rng.choice(WORDS), fs)
+        _add_text(
+            draw, rng, objects, taken, size, color or _text_color(rng, colors), "word", word or rng.choice(WORDS), fs
+        )
     else:  # multi / shapes
         n = n_objects if n_objects is not None else rng.randrange(2, 5) if kind == "multi" else rng.randrange(1, 5)
         used: set[tuple[str, str]] = set()

@@ -1,15 +1,15 @@
 """Model bundles: `load_model(name, **options)`, `list_models()`.
 
-    mini_llava        the offline real model (options: dtype, device, projector_path, cache_dir, attn_implementation)
-    tiny_<family>     random-weight test models, one per kvpress_mm.testing.TINY_FAMILIES (dtype, device, seed)
-    hub               any transformers VLM / LM (model_id, dtype, device_map, device, attn_implementation, ...)
+mini_llava        the offline real model (options: dtype, device, projector_path, cache_dir, attn_implementation)
+tiny_<family>     random-weight test models, one per kvpress_mm.testing.TINY_FAMILIES (dtype, device, seed)
+hub               any transformers VLM / LM (model_id, dtype, device_map, device, attn_implementation, ...)
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from ...registry_base import Registry
 from .bundle import ModelBundle, resolve_dtype
@@ -32,9 +32,13 @@ MODELS: Registry[Callable[..., ModelBundle]] = Registry(
     listing="available models",
     loader=_builtin_loaders,
     # functools.partial has no __eq__: the same tiny family's loader again is the same registration
-    same=lambda old, new: old is new or (
-        isinstance(old, functools.partial) and isinstance(new, functools.partial)
-        and (old.func, old.args, old.keywords) == (new.func, new.args, new.keywords)
+    same=lambda old, new: (
+        old is new
+        or (
+            isinstance(old, functools.partial)
+            and isinstance(new, functools.partial)
+            and (old.func, old.args, old.keywords) == (new.func, new.args, new.keywords)
+        )
     ),
 )
 _LOADERS = MODELS.entries  # the same dict, for old callers

@@ -27,13 +27,22 @@ def _conversation(sample, text_only: bool) -> list[dict]:
         if sample.images:
             raise ValueError(f"sample {sample.id!r} has images but the hub model is text-only")
         return [{"role": "user", "content": "\n".join(sample.texts)}]
-    parts = [{"type": "text", "text": c} if isinstance(c, str) else {"type": "image", "image": c} for c in sample.content]
+    parts = [
+        {"type": "text", "text": c} if isinstance(c, str) else {"type": "image", "image": c} for c in sample.content
+    ]
     return [{"role": "user", "content": parts}]
 
 
-def load_hub_bundle(model_id: str | None = None, dtype="auto", device_map=None, device=None,
-                    attn_implementation: str = "sdpa", revision: str | None = None,
-                    trust_remote_code: bool = False, processor_kwargs: dict | None = None) -> ModelBundle:
+def load_hub_bundle(
+    model_id: str | None = None,
+    dtype="auto",
+    device_map=None,
+    device=None,
+    attn_implementation: str = "sdpa",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    processor_kwargs: dict | None = None,
+) -> ModelBundle:
     """model_id: hub id or local folder; dtype: "auto" / "bfloat16" / torch dtype; device_map: as in
     from_pretrained (e.g. "auto"); device: move the model there when no device_map is given."""
     if not model_id:
@@ -65,8 +74,10 @@ def load_hub_bundle(model_id: str | None = None, dtype="auto", device_map=None, 
     elif config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         model_cls, text_only = AutoModelForCausalLM, True
     else:
-        raise ValueError(f"{model_id!r} (model_type {config.model_type!r}) is neither an image-text-to-text model "
-                         "nor a causal LM in this transformers version")
+        raise ValueError(
+            f"{model_id!r} (model_type {config.model_type!r}) is neither an image-text-to-text model "
+            "nor a causal LM in this transformers version"
+        )
     try:
         if text_only:
             processor = AutoTokenizer.from_pretrained(model_id, **common)
@@ -75,8 +86,11 @@ def load_hub_bundle(model_id: str | None = None, dtype="auto", device_map=None, 
             processor = AutoProcessor.from_pretrained(model_id, **common, **(processor_kwargs or {}))
             tokenizer = processor.tokenizer
         model = model_cls.from_pretrained(
-            model_id, dtype=resolve_dtype(dtype, allow_auto=True), device_map=device_map,
-            attn_implementation=attn_implementation, **common,
+            model_id,
+            dtype=resolve_dtype(dtype, allow_auto=True),
+            device_map=device_map,
+            attn_implementation=attn_implementation,
+            **common,
         )
     except OSError as err:
         raise _unreachable(model_id, err) from err
@@ -109,6 +123,10 @@ def load_hub_bundle(model_id: str | None = None, dtype="auto", device_map=None, 
         trained=True,
         notes=f"{model_id} ({type(model).__name__}) prompted through its chat template.",
         generate_kwargs={"pad_token_id": tokenizer.pad_token_id},
-        info={"model_id": model_id, "class": type(model).__name__, "text_only": text_only,
-              "dtype": str(model_dtype(model)).removeprefix("torch.")},
+        info={
+            "model_id": model_id,
+            "class": type(model).__name__,
+            "text_only": text_only,
+            "dtype": str(model_dtype(model)).removeprefix("torch."),
+        },
     )

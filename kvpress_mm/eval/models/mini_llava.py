@@ -16,14 +16,20 @@ NOTES_PROJECTOR = (
 )
 
 
-def load_mini_llava_bundle(dtype="float32", device="cpu", projector_path=None, cache_dir=None,
-                           attn_implementation: str = "sdpa") -> ModelBundle:
+def load_mini_llava_bundle(
+    dtype="float32", device="cpu", projector_path=None, cache_dir=None, attn_implementation: str = "sdpa"
+) -> ModelBundle:
     from kvpress_mm.offline import paths
     from kvpress_mm.offline.mini_llava import load_mini_llava
 
     dtype = resolve_dtype(dtype)
-    model, processor = load_mini_llava(dtype=dtype, device=device, cache_dir=cache_dir,
-                                       projector_path=projector_path, attn_implementation=attn_implementation)
+    model, processor = load_mini_llava(
+        dtype=dtype,
+        device=device,
+        cache_dir=cache_dir,
+        projector_path=projector_path,
+        attn_implementation=attn_implementation,
+    )
 
     def prepare(samples) -> dict:
         inputs = processor.prepare_inputs([list(s.content) for s in samples])

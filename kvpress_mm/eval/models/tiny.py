@@ -4,8 +4,9 @@ Tiny models have no tokenizer. Text becomes deterministic pseudo-token ids: each
 hashed (crc32) into the family's ordinary text id range, so the same text always gives the same ids. Every
 image becomes the family's image segment (placeholder tokens, markers) with random pixels seeded by the
 sample id and the image's index (the PIL image itself is not used: tiny vision towers take tiny random
-inputs); the text-only families (llama, qwen2) drop the images. Rows are built one by one and then left-padded together, so a sample's inputs do not depend on
-which other samples share its batch. `decode` writes ids as "<id>" words.
+inputs); the text-only families (llama, qwen2) drop the images. Rows are built one by one and then
+left-padded together, so a sample's inputs do not depend on which other samples share its batch.
+`decode` writes ids as "<id>" words.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import torch
 from .bundle import ModelBundle, model_device, resolve_dtype, to_device
 
 # families whose pixel tensors are per row ([B, max_sub_images, ...]) instead of per image
-_PER_ROW_PIXELS = {"idefics3": ("pixel_values", "pixel_attention_mask"), "smolvlm": ("pixel_values", "pixel_attention_mask")}
+_PER_ROW_PIXELS = {
+    "idefics3": ("pixel_values", "pixel_attention_mask"),
+    "smolvlm": ("pixel_values", "pixel_attention_mask"),
+}
 _WORD = re.compile(r"\S+")
 
 
@@ -54,8 +58,11 @@ def _pad_dim1(tensors: list[torch.Tensor | None], template: torch.Tensor) -> tor
 
 def merge_rows(rows: list[dict], family: str, pad_id: int) -> dict:
     """Left-pad single-row inputs of one tiny family into one batch, in the layout make_inputs(rows) gives."""
-    seq_keys = [k for k, v in rows[0].items() if isinstance(v, torch.Tensor) and v.dim() == 2
-                and v.shape == rows[0]["input_ids"].shape]
+    seq_keys = [
+        k
+        for k, v in rows[0].items()
+        if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == rows[0]["input_ids"].shape
+    ]
     out = {}
     for key in seq_keys:
         out[key] = _left_pad([r[key] for r in rows], pad_id if key == "input_ids" else 0)
@@ -115,9 +122,11 @@ def load_tiny_bundle(family: str, dtype="float32", device="cpu", seed: int = 0) 
         prepare=prepare,
         decode=decode,
         trained=False,
-        notes=(f"tiny_{family}: random weights (kvpress_mm.testing), pseudo-tokens from hashed words, "
-               + ("random pixels" if multimodal else "text only (images are dropped)")
-               + "; only the fidelity task is meaningful."),
+        notes=(
+            f"tiny_{family}: random weights (kvpress_mm.testing), pseudo-tokens from hashed words, "
+            + ("random pixels" if multimodal else "text only (images are dropped)")
+            + "; only the fidelity task is meaningful."
+        ),
         generate_kwargs={"pad_token_id": pad_id},
         info={"family": family, "tokens_per_image": tiny.tokens_per_image, "text_id_range": list(id_range)},
     )

@@ -52,12 +52,14 @@ class Fidelity(Task):
             rng = random.Random(self.seed * 1_000_003 + i)
             sentences = filler_sentences(rng, self.context_tokens)
             content = interleave(INTRO, sentences, self.num_images, rng.choice(QUESTIONS), rng)
-            out.append(Sample(
-                id=f"fidelity-{self.seed}-{i}",
-                content=content,
-                answer="",
-                meta={"approx_text_tokens": sum(approx_tokens(t) for t in content if isinstance(t, str))},
-            ))
+            out.append(
+                Sample(
+                    id=f"fidelity-{self.seed}-{i}",
+                    content=content,
+                    answer="",
+                    meta={"approx_text_tokens": sum(approx_tokens(t) for t in content if isinstance(t, str))},
+                )
+            )
         return out
 
     def score(self, sample: Sample, prediction: str) -> float:

@@ -60,8 +60,9 @@ def image_index_in(prediction: str) -> int | None:
     return int(m.group()) if m else None
 
 
-def labelled_images(images, rng: random.Random | None = None, texts: list[str] | None = None,
-                    labels: list[str] | None = None) -> list:
+def labelled_images(
+    images, rng: random.Random | None = None, texts: list[str] | None = None, labels: list[str] | None = None
+) -> list:
     """["Image 1:", img_1, (text_1,) "Image 2:", img_2, ...]: each image after its label (default "Image k:"; e.g.
     "Marta's picture:"), and optional text passages after each image."""
     out: list = []

@@ -48,10 +48,14 @@ class ImageCounting(Task):
         if self.max_count is not None:
             self._check_int("max_count", self.min_count)
         if self._max() > self.num_images or self.min_count > self._max():
-            raise ValueError(f"ImageCounting: need min_count <= max_count <= num_images, got "
-                             f"{self.min_count}, {self.max_count}, {self.num_images}")
+            raise ValueError(
+                f"ImageCounting: need min_count <= max_count <= num_images, got "
+                f"{self.min_count}, {self.max_count}, {self.num_images}"
+            )
         if self.target != "digit" and self.target not in COLORS:
-            raise ValueError(f"ImageCounting: target must be 'digit' or a colour ({', '.join(COLORS)}), got {self.target!r}")
+            raise ValueError(
+                f"ImageCounting: target must be 'digit' or a colour ({', '.join(COLORS)}), got {self.target!r}"
+            )
 
     def _max(self) -> int:
         return self.num_images if self.max_count is None else self.max_count
@@ -74,8 +78,9 @@ class ImageCounting(Task):
                     scene = task_scene("image_counting", self.seed, i, k, "single_shape", shape=rng.choice(SHAPES))
             else:
                 color = self.target if k in hits else rng.choice(others)
-                scene = task_scene("image_counting", self.seed, i, k, "single_shape", color=color,
-                                   shape=rng.choice(SHAPES))
+                scene = task_scene(
+                    "image_counting", self.seed, i, k, "single_shape", color=color, shape=rng.choice(SHAPES)
+                )
             images.append(scene.image)
         texts = None
         if self.context_tokens:

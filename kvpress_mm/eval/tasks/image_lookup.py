@@ -53,11 +53,15 @@ class ImageLookup(Task):
         if self.cue not in CUES:
             raise ValueError(f"ImageLookup: cue must be one of {CUES}, got {self.cue!r}")
         if self.question not in QUESTION_TYPES + ("mixed",):
-            raise ValueError(f"ImageLookup: question must be one of {QUESTION_TYPES + ('mixed',)}, got {self.question!r}")
+            raise ValueError(
+                f"ImageLookup: question must be one of {QUESTION_TYPES + ('mixed',)}, got {self.question!r}"
+            )
         limit = len(DIGITS) if self.question == "digit" else len(SHAPES)
         if self.num_images > limit:
-            raise ValueError(f"ImageLookup: at most {limit} images for question={self.question!r} (distinct answers), "
-                             f"got {self.num_images}")
+            raise ValueError(
+                f"ImageLookup: at most {limit} images for question={self.question!r} (distinct answers), "
+                f"got {self.num_images}"
+            )
         if self.target_position is not None:
             self._check_fraction("target_position", self.target_position)
 
@@ -71,11 +75,15 @@ class ImageLookup(Task):
         target = rng.randrange(n) if self.target_position is None else min(n - 1, int(self.target_position * n))
         colors = rng.sample(tuple(COLORS), n)
         if qtype == "digit":
-            scenes = [task_scene("image_lookup", self.seed, i, k, "single_digit", digit=d, color=c)
-                      for k, (d, c) in enumerate(zip(rng.sample(DIGITS, n), colors))]
+            scenes = [
+                task_scene("image_lookup", self.seed, i, k, "single_digit", digit=d, color=c)
+                for k, (d, c) in enumerate(zip(rng.sample(DIGITS, n), colors))
+            ]
         else:
-            scenes = [task_scene("image_lookup", self.seed, i, k, "single_shape", shape=s, color=c)
-                      for k, (s, c) in enumerate(zip(rng.sample(SHAPES, n), colors))]
+            scenes = [
+                task_scene("image_lookup", self.seed, i, k, "single_shape", shape=s, color=c)
+                for k, (s, c) in enumerate(zip(rng.sample(SHAPES, n), colors))
+            ]
         if self.cue == "name":
             labels = [multi.name_label(name) for name in rng.sample(multi.LABEL_NAMES, n)]
         else:
@@ -85,8 +93,11 @@ class ImageLookup(Task):
             sentences = clean_filler(rng, self.context_tokens)
             texts = [" ".join(part) for part in split_even(sentences, n)]
         qa = next(q for q in multi.label_questions(scenes[target], labels[target][1]) if q.qtype == qtype)
-        content = ([multi.INTRO] + labelled_images([s.image for s in scenes], texts=texts, labels=[lab for lab, _ in labels])
-                   + [qa.question])
+        content = (
+            [multi.INTRO]
+            + labelled_images([s.image for s in scenes], texts=texts, labels=[lab for lab, _ in labels])
+            + [qa.question]
+        )
         return Sample(
             id=f"image_lookup-{self.seed}-{i}",
             content=content,
@@ -97,9 +108,15 @@ class ImageLookup(Task):
                 "target_image": target + 1,
                 "label": labels[target][1],
                 "num_images": n,
-                "others": [multi.object_of(s).color if qtype == "colour" else
-                           multi.object_of(s).shape if qtype == "shape" else multi.object_of(s).text
-                           for k, s in enumerate(scenes) if k != target],
+                "others": [
+                    multi.object_of(s).color
+                    if qtype == "colour"
+                    else multi.object_of(s).shape
+                    if qtype == "shape"
+                    else multi.object_of(s).text
+                    for k, s in enumerate(scenes)
+                    if k != target
+                ],
                 "approx_text_tokens": sum(approx_tokens(t) for t in content if isinstance(t, str)),
             },
         )

@@ -78,7 +78,7 @@ class ImageNeedle(Task):
         rng = random.Random(f"image_needle:{self.seed}:{i}")
         n = self.num_images
         pos = rng.randrange(n) if self.needle_position is None else min(n - 1, int(self.needle_position * n))
-        colors = rng.sample(tuple(COLORS), n)   # one colour per image: the needle's colour is unique
+        colors = rng.sample(tuple(COLORS), n)  # one colour per image: the needle's colour is unique
         scenes = []
         for k in range(n):
             opts = {"color": colors[k]}
@@ -103,7 +103,10 @@ class ImageNeedle(Task):
         qtype = self._qtype()
         if qtype == "index":
             what = {"shape": "a shape", "digit": "a digit", "star": "a star"}[self.needle]
-            question, answer = f"One of the images shows {what}. Which image is it? Answer with the image number.", str(pos + 1)
+            question, answer = (
+                f"One of the images shows {what}. Which image is it? Answer with the image number.",
+                str(pos + 1),
+            )
         else:
             qa = next(q for q in multi.unique_questions(scenes[pos], self.needle) if q.qtype == qtype)
             question, answer = qa.question, qa.answer

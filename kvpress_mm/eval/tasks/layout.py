@@ -31,8 +31,9 @@ def insert_at_depths(sentences: list[str], facts: list[tuple[float, str]]) -> tu
     return out, [positions[i] for i in range(len(facts))]
 
 
-def interleave(intro: str, sentences: list[str], num_images: int, question: str,
-               rng: random.Random) -> list[str | Image.Image]:
+def interleave(
+    intro: str, sentences: list[str], num_images: int, question: str, rng: random.Random
+) -> list[str | Image.Image]:
     """[intro + text_0, image_1, text_1, ..., image_k, text_k, question]: the images split the document into
     k + 1 parts of about equal sentence counts. Empty text parts are dropped."""
     images = [synthetic_image(rng) for _ in range(num_images)]

@@ -70,7 +70,10 @@ class MultiFact(Task):
         for _ in range(k):
             codes.append(random_code(rng, avoid=set(codes)))
         person_depth, code_depth = self._depths(rng)
-        facts = [(person_depth, f"{names[0]} lives in {towns[0]}."), (code_depth, f"The postal code of {towns[0]} is {codes[0]}.")]
+        facts = [
+            (person_depth, f"{names[0]} lives in {towns[0]}."),
+            (code_depth, f"The postal code of {towns[0]} is {codes[0]}."),
+        ]
         for j in range(1, k):
             facts.append((rng.random(), f"{names[j]} lives in {towns[j]}."))
             facts.append((rng.random(), f"The postal code of {towns[j]} is {codes[j]}."))
