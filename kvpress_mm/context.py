@@ -52,6 +52,7 @@ class CompressedContext:
         max_new_tokens: int = 32,
         batch_size: int | None = None,
         output_logits: bool = False,
+        forced: list | None = None,
         **generate_kwargs,
     ) -> list[Answer]:
         """Answer each question (1-D id tensors or lists of ids) on its own copy of the compressed cache.
@@ -59,19 +60,25 @@ class CompressedContext:
         batch_size: questions per generate call (default: all at once); shorter questions are left-padded
         after the context (on models with sliding-window layers only questions of one length are batched).
         Greedy unless generate_kwargs say otherwise. Answers come back in the questions' order.
+        forced: one 1-D id sequence per question to teacher-force as its answer (the logits are then the
+        compressed cache's reading of that answer; after its end a row generates freely).
         """
         questions = [_as_ids(q, i) for i, q in enumerate(questions)]
         if not questions:
             return []
+        if forced is not None:
+            if len(forced) != len(questions):
+                raise ValueError(f"ask: forced has {len(forced)} answers for {len(questions)} questions")
+            forced = [torch.as_tensor(f, dtype=torch.long).flatten() for f in forced]
         if batch_size is None:
             batch_size = len(questions)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"ask: batch_size must be an integer >= 1 or None, got {batch_size!r}")
         answers: list[Answer | None] = [None] * len(questions)
         for group in self._batches(questions, batch_size):
-            for i, answer in zip(
-                group, self._ask_batch([questions[i] for i in group], max_new_tokens, output_logits, generate_kwargs)
-            ):
+            rows = [questions[i] for i in group]
+            force = None if forced is None else [forced[i] for i in group]
+            for i, answer in zip(group, self._ask_batch(rows, max_new_tokens, output_logits, force, generate_kwargs)):
                 answers[i] = answer
         return answers
 
@@ -88,7 +95,7 @@ class CompressedContext:
             by_length.setdefault(len(questions[i]), []).append(i)
         return [same[i : i + batch_size] for same in by_length.values() for i in range(0, len(same), batch_size)]
 
-    def _ask_batch(self, questions, max_new_tokens, output_logits, generate_kwargs) -> list[Answer]:
+    def _ask_batch(self, questions, max_new_tokens, output_logits, forced, generate_kwargs) -> list[Answer]:
         n = len(questions)
         device = self.inputs["input_ids"].device
         width = max(len(q) for q in questions)
@@ -110,6 +117,13 @@ class CompressedContext:
         if n > 1:
             cache.batch_repeat_interleave(n)
         kwargs = {"do_sample": False, **generate_kwargs}
+        if forced is not None:
+            from transformers import LogitsProcessorList
+
+            processors = list(kwargs.pop("logits_processor", None) or [])
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [*processors, ForcedTokens.from_rows(forced, inputs["input_ids"].shape[1])]
+            )
         with self.strategy(self.model), _rope_deltas(self.model, self.cache, n):
             out = self.model.generate(
                 **inputs,
@@ -122,6 +136,33 @@ class CompressedContext:
         tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
         logits = torch.stack(out.logits, dim=1).float() if output_logits else None
         return [Answer(tokens[i], None if logits is None else logits[i]) for i in range(n)]
+
+
+class ForcedTokens:
+    """Logits processor: at step t, row b may only emit tokens[b, t] while t < lengths[b] (teacher forcing
+    through generate, so positions, masks and the compressed cache are generate's own)."""
+
+    def __init__(self, tokens: torch.Tensor, prompt_len: int, lengths: torch.Tensor | None = None):
+        self.tokens = tokens
+        self.prompt_len = prompt_len
+        self.lengths = torch.full((tokens.shape[0],), tokens.shape[1]) if lengths is None else lengths
+
+    @classmethod
+    def from_rows(cls, rows: list[torch.Tensor], prompt_len: int) -> ForcedTokens:
+        width = max(1, max(len(r) for r in rows))
+        tokens = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, r in enumerate(rows):
+            tokens[b, : len(r)] = r
+        return cls(tokens, prompt_len, torch.tensor([len(r) for r in rows]))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.prompt_len
+        if step >= self.tokens.shape[1]:
+            return scores
+        active = (self.lengths > step).to(scores.device)
+        forced = torch.full_like(scores, -torch.inf)
+        forced.scatter_(1, self.tokens[:, step : step + 1].to(scores.device), 0.0)
+        return torch.where(active[:, None], forced, scores)
 
 
 def compress_context(model: torch.nn.Module, strategy, inputs: dict) -> CompressedContext:

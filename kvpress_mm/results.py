@@ -36,6 +36,7 @@ TABLE_COLUMNS = (
     "budget",
     "model",
     "task",
+    "protocol",
     "n_samples",
     "score",
     "full_score",
@@ -165,7 +166,8 @@ def comparison_table(record: dict) -> str:
     cfg = record.get("config", {})
     caption = (
         f"model={record.get('choices', {}).get('model', _get(cfg, 'model.name'))} "
-        f"task={_get(cfg, 'task.name')} n_samples={record['metrics'].get('n_samples')} "
+        f"task={_get(cfg, 'task.name')} protocol={record['metrics'].get('protocol', 'question_aware')} "
+        f"n_samples={record['metrics'].get('n_samples')} "
         f"budget={_budget_text(cfg.get('strategy', {}))}"
     )
     headers = ["run", "score", "kept", "KV MiB before", "KV MiB after", "prefill s", "decode tok/s"]
@@ -205,6 +207,7 @@ def table_rows(records: Iterable[dict]) -> list[dict]:
                 "budget": _budget_value(strategy),
                 "model": r.get("choices", {}).get("model") or _get(cfg, "model.name"),
                 "task": _get(cfg, "task.name"),
+                "protocol": m.get("protocol") or cfg.get("protocol") or "question_aware",
                 "n_samples": m.get("n_samples"),
                 "score": m.get("score"),
                 "full_score": m.get("full_score"),
@@ -278,8 +281,13 @@ def score_tables(rows: list[dict]) -> str:
     full cache's score on the same samples."""
     points = [r for r in _finished(rows) if _is_number(r.get("score")) and _is_number(r.get("budget"))]
     out = []
-    for model, task in sorted({(r["model"], r["task"]) for r in points}, key=str):
-        these = [r for r in points if (r["model"], r["task"]) == (model, task)]
+    groups = sorted({(r["model"], r["task"], r.get("protocol") or "question_aware") for r in points}, key=str)
+    for model, task, protocol in groups:
+        these = [
+            r
+            for r in points
+            if (r["model"], r["task"], r.get("protocol") or "question_aware") == (model, task, protocol)
+        ]
         budgets = sorted({float(r["budget"]) for r in these if r["strategy"] != "full"})
         fulls = [float(r["full_score"]) for r in these if _is_number(r.get("full_score"))]
         cells: dict[str, dict[float, float]] = {}
@@ -287,7 +295,8 @@ def score_tables(rows: list[dict]) -> str:
             if r["strategy"] != "full":
                 cells.setdefault(r["strategy"], {})[float(r["budget"])] = float(r["score"])
         n = sorted({r.get("n_samples") for r in these if r.get("n_samples") is not None})
-        head = f"**{task}** on {model}" + (f" ({', '.join(map(str, n))} samples)" if n else "")
+        head = f"**{task}** on {model}" + ("" if protocol == "question_aware" else f", {protocol}")
+        head += f" ({', '.join(map(str, n))} samples)" if n else ""
         if fulls:
             head += f"; full cache: {sum(fulls) / len(fulls):.2f}"
         body = [[name] + [_fmt(by.get(b)) for b in budgets] for name, by in sorted(cells.items())]

@@ -68,6 +68,9 @@ class EvalConfig:
     threads: int | None = None  # torch CPU threads (None: torch's default); pin it for comparable timings
     print_table: bool = True  # print the strategy-vs-full table at the end of a run
     result_file: str = "result.json"  # written into the run's output directory
+    # question_aware: the question is inside the compressed prompt; question_agnostic: the context is
+    # compressed alone, then each question is asked on a copy of the compressed cache
+    protocol: str = "question_aware"
 
 
 @dataclass

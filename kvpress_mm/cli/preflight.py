@@ -81,6 +81,11 @@ def check_run_options(cfg: DictConfig) -> None:
             "threads",
             f"must be an integer >= 0 (0 or null: torch's default; N >= 1: N torch CPU threads), got {threads!r}",
         )
+    from ..eval.protocol import PROTOCOLS
+
+    protocol = cfg.get("protocol", "question_aware")
+    if protocol not in PROTOCOLS:
+        raise ConfigError("protocol", f"must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     device = cfg.get("device")
     if device is not None:
         problem = device_problem(device)

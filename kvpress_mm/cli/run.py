@@ -89,6 +89,7 @@ def _run_eval(cfg: DictConfig) -> dict:
                 compare_full=cfg.compare_full,
                 progress=cfg.progress,
                 device=cfg.device,
+                protocol=cfg.protocol,
             ),
             None,
         )

@@ -31,10 +31,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..context import ForcedTokens, compress_context
 from .memory import PeakMemory
 from .metrics import fidelity as fidelity_metrics
 from .metrics import mean
 from .models.bundle import ModelBundle
+from .protocol import PROTOCOLS, SplitSample, split_questions
 from .tasks import Task, get_task
 from .timing import ForwardTimer
 
@@ -79,6 +81,8 @@ class RunResult:
     memory_method: str = "none"
     wall_seconds: float = 0.0
     interrupted: bool = False  # stopped early (Ctrl-C): the fields cover the samples finished before
+    protocol: str = "question_aware"  # where the question sits relative to the compressed cache (protocol.py)
+    n_contexts: int = 0  # distinct compressed prompts (question_agnostic: one per sample, however many questions)
 
     def to_dict(self) -> dict:
         return _jsonable(dataclasses.asdict(self))
@@ -115,22 +119,6 @@ def _jsonable(obj: Any):
 # ----------------------------------------------------------------------------------------- generate
 
 
-class _ForceTokens:
-    """Logits processor: at step t, allow only tokens[:, t] (teacher forcing through generate)."""
-
-    def __init__(self, tokens: torch.Tensor, prompt_len: int):
-        self.tokens = tokens
-        self.prompt_len = prompt_len
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        step = input_ids.shape[1] - self.prompt_len
-        if step >= self.tokens.shape[1]:
-            return scores
-        forced = torch.full_like(scores, -math.inf)
-        forced.scatter_(1, self.tokens[:, step : step + 1].to(scores.device), 0.0)
-        return forced
-
-
 @dataclass
 class _Generation:
     new_tokens: torch.Tensor  # [B, T] on CPU
@@ -165,7 +153,7 @@ def _generate(
     }
     prompt_len = inputs["input_ids"].shape[1]
     if force is not None:
-        kwargs["logits_processor"] = LogitsProcessorList([_ForceTokens(force, prompt_len)])
+        kwargs["logits_processor"] = LogitsProcessorList([ForcedTokens(force, prompt_len)])
     session = strategy(model) if strategy is not None else nullcontext()
     with PeakMemory(device) as mem, ForwardTimer(model, device) as timer:
         with session as press:
@@ -184,6 +172,80 @@ def _generate(
         memory_method=mem.method,
         report=getattr(press, "report", None),
     )
+
+
+def _ask(
+    bundle: ModelBundle,
+    split: SplitSample,
+    strategy,
+    max_new_tokens: int,
+    device,
+    force: torch.Tensor | None = None,
+    logits: bool = False,
+    batch_size: int | None = None,
+) -> _Generation:
+    """The question-agnostic protocol: compress the context alone (strategy None: the full cache), then ask
+    every question on its own copy. Timings: prefill = the context's forward; decode = the rest (each
+    question's own forward included)."""
+    import kvpress_mm
+
+    model = bundle.model
+    strategy = strategy if strategy is not None else kvpress_mm.get_strategy("full")
+    forced = None
+    if force is not None:
+        forced = [row[: len(row)] for row in force]
+        batch_size = 1  # a forced row's length is its own: one question per call keeps positions simple
+    with PeakMemory(device) as mem, ForwardTimer(model, device) as timer:
+        context = compress_context(model, strategy, split.context)
+        answers = context.ask(
+            split.questions,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            output_logits=logits,
+            forced=forced,
+            **bundle.generate_kwargs,
+        )
+    width = max(a.tokens.shape[0] for a in answers)
+    pad = int(bundle.generate_kwargs.get("pad_token_id") or 0)
+    new_tokens = torch.full((len(answers), width), pad, dtype=torch.long)
+    raw = None
+    if logits:
+        raw = torch.zeros((len(answers), width, answers[0].logits.shape[-1]), dtype=torch.float32)
+    for b, a in enumerate(answers):
+        new_tokens[b, : a.tokens.shape[0]] = a.tokens.cpu()
+        if logits:
+            raw[b, : a.logits.shape[0]] = a.logits.cpu()
+    return _Generation(
+        new_tokens=new_tokens,
+        logits=raw,
+        prefill_seconds=timer.prefill_seconds,
+        decode_seconds=timer.decode_seconds,
+        decode_steps=max(0, timer.calls - 1),
+        peak_bytes=mem.peak_bytes,
+        peak_increase_bytes=mem.increase_bytes,
+        memory_method=mem.method,
+        report=context.report,
+    )
+
+
+def _units(samples, protocol: str, batch_size: int):
+    """(single-question samples of one generate unit, the multi-question sample they come from or None).
+
+    question_aware: every question is its own prompt (context + question), batched by batch_size;
+    question_agnostic: one sample's questions together, on one compressed context."""
+    if protocol == "question_aware":
+        singles = [q for s in samples for q in _singles(s)]
+        for batch in _batches(singles, batch_size):
+            yield batch, None
+    else:
+        for s in samples:
+            yield _singles(s), s
+
+
+def _singles(sample) -> list:
+    if not sample.more_questions:
+        return [sample]
+    return [sample.asking(q, i) for i, q in enumerate(sample.questions)]
 
 
 def _eos_ids(bundle: ModelBundle) -> set[int]:
@@ -283,11 +345,18 @@ def evaluate(
     compare_full: bool = True,
     progress: bool = True,
     device=None,
+    protocol: str = "question_aware",
 ) -> RunResult:
     """Run every sample of `task` with `strategy` (an instance, a registered name, or None = "full") on
-    `bundle`; with compare_full, also with the full cache on the same samples. See the module doc."""
+    `bundle`; with compare_full, also with the full cache on the same samples. See the module doc.
+
+    protocol: "question_aware" (the question inside the compressed prompt) or "question_agnostic" (the
+    context compressed alone, then each question asked on a copy; batch_size then batches one sample's
+    questions). Every question of a sample (`Sample.questions`) is scored as a record of its own."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
     task, strategy, strategy_name = _resolve(task, strategy)
     device = _place(bundle, device)
     fidelity_mode = task.mode == "fidelity"
@@ -309,14 +378,34 @@ def evaluate(
     peaks = {"peak": [], "inc": [], "full_peak": [], "full_inc": []}
     memory_method = "none"
 
-    bar = tqdm(total=len(samples), desc=f"{task.name} | {strategy_name}", unit="sample", disable=not progress)
+    n_questions = sum(len(s.questions) for s in samples)
+    bar = tqdm(total=n_questions, desc=f"{task.name} | {strategy_name}", unit="question", disable=not progress)
     interrupted = False
+    contexts = 0
     try:
-        for k, batch in enumerate(_batches(samples, batch_size)):
-            inputs = bundle.prepare(batch)
+        for k, (batch, source) in enumerate(_units(samples, protocol, batch_size)):
             rows = len(batch)
+            if source is None:  # question_aware: generate on the whole prompt
+                inputs = bundle.prepare(batch)
+
+                def run_one(strategy, new_tokens, force=None, logits=False, inputs=inputs):
+                    return _generate(bundle, inputs, strategy, new_tokens, device, force=force, logits=logits)
+
+                prompt_tokens = (
+                    inputs["attention_mask"].sum(-1).tolist()
+                    if "attention_mask" in inputs
+                    else [inputs["input_ids"].shape[1]] * rows
+                )
+            else:  # question_agnostic: compress the context, then ask its questions
+                split = split_questions(bundle, source)
+
+                def run_one(strategy, new_tokens, force=None, logits=False, split=split):
+                    return _ask(bundle, split, strategy, new_tokens, device, force, logits, batch_size)
+
+                context_len = split.context["input_ids"].shape[1]
+                prompt_tokens = [context_len + len(q) for q in split.questions]
             if k == 0 and WARMUP_NEW_TOKENS:
-                _generate(bundle, inputs, None, WARMUP_NEW_TOKENS, device)
+                run_one(None, WARMUP_NEW_TOKENS)
             full = None
             if run_full:
                 key = (
@@ -326,27 +415,20 @@ def evaluate(
                     batch_size,
                     k,
                     fidelity_mode,
+                    protocol,
                 )
                 full = _FULL_RUNS.get(key)
                 if full is None:
-                    full = _generate(bundle, inputs, None, task.max_new_tokens, device, logits=fidelity_mode)
+                    full = run_one(None, task.max_new_tokens, logits=fidelity_mode)
                     _FULL_RUNS[key] = full
                 full_len = _lengths(full.new_tokens, eos)
             if fidelity_mode:
-                run = _generate(
-                    bundle, inputs, strategy, task.max_new_tokens, device, force=full.new_tokens, logits=True
-                )
+                run = run_one(strategy, task.max_new_tokens, force=full.new_tokens, logits=True)
             else:
-                run = _generate(bundle, inputs, strategy, task.max_new_tokens, device)
+                run = run_one(strategy, task.max_new_tokens)
             report = run.report
             kept = report.kept_fraction if report is not None else 1.0
             done: list[dict] = []  # this batch's sample records (kept only once the whole batch is scored)
-
-            prompt_tokens = (
-                inputs["attention_mask"].sum(-1).tolist()
-                if "attention_mask" in inputs
-                else [inputs["input_ids"].shape[1]] * rows
-            )
             if fidelity_mode:
                 reference = _texts(bundle, full.new_tokens, full_len)
                 for b, sample in enumerate(batch):
@@ -399,10 +481,13 @@ def evaluate(
             times["decode_tok"] += run.decode_steps * rows
             peaks["peak"].append(run.peak_bytes)
             peaks["inc"].append(run.peak_increase_bytes)
-            acc["kept"] += kept * rows
+            # per context: question_agnostic compresses one context for all its questions
+            weight = 1 if source is not None else rows
+            acc["kept"] += kept * weight
             acc["before"] += report.before_bytes if report is not None else 0
             acc["after"] += report.after_bytes if report is not None else 0
-            acc["rows"] += rows
+            acc["rows"] += weight
+            contexts += 1 if source is not None else rows
             records.extend(done)
             bar.update(rows)
             bar.set_postfix(score=f"{mean(r['score'] for r in records):.3f}", kept=f"{acc['kept'] / acc['rows']:.2f}")
@@ -427,8 +512,14 @@ def evaluate(
         notes.append("full-cache reference not run (compare_full=False).")
     if not bundle.trained:
         notes.append("random-weight model: task answers are meaningless, only fidelity measures something.")
+    if protocol == "question_agnostic":
+        notes.append(
+            "question_agnostic: each context was compressed without its question, then every question was "
+            "asked on a copy of the compressed cache (the full cache: the same steps, nothing evicted)."
+        )
     if interrupted:
-        notes.append(f"interrupted after {len(records)} of {len(samples)} samples.")
+        unit = "samples" if n_questions == len(samples) else "questions"
+        notes.append(f"interrupted after {len(records)} of {n_questions} {unit}.")
     full_scores = [r["full_score"] for r in records]
     result = RunResult(
         model=bundle.name,
@@ -444,6 +535,8 @@ def evaluate(
         peak_memory_bytes=_max(peaks["peak"]),
         n_samples=n,
         samples=records,
+        protocol=protocol,
+        n_contexts=contexts,
         notes=" ".join(x for x in notes if x),
         peak_memory_increase_bytes=_max(peaks["inc"]),
         full_prefill_seconds=mean(times["full_prefill"]),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ..sample import Sample
+from ..sample import Question, Sample
 from . import register_task
 from .base import Task, contains_number
 from .filler import FACT_NAMES, approx_tokens, filler_sentences, random_code
@@ -22,7 +22,10 @@ INTRO = "Read the following document. It contains text and images."
 @dataclass
 class TextNeedle(Task):
     """n_samples documents of ~context_tokens filler tokens with num_images images spread through them; the
-    needle sits at relative depth needle_depth (0 = start, 1 = end; None = uniform random per sample)."""
+    needle sits at relative depth needle_depth (0 = start, 1 = end; None = uniform random per sample).
+
+    num_questions > 1 hides that many needles (distinct names, random depths) and asks about each one in
+    turn: one context, several questions (the question-agnostic protocol compresses it once for all)."""
 
     n_samples: int = 20
     seed: int = 0
@@ -30,9 +33,16 @@ class TextNeedle(Task):
     context_tokens: int = 1000
     needle_depth: float | None = None
     max_new_tokens: int = 16
+    num_questions: int = 1
 
     def __post_init__(self):
         super().__post_init__()
+        self._check_int("num_questions", 1)
+        if self.num_questions > len(FACT_NAMES):
+            raise ValueError(
+                f"{type(self).__name__}: num_questions must be at most {len(FACT_NAMES)} (one name per needle), "
+                f"got {self.num_questions}"
+            )
         self._check_int("num_images", 0)
         self._check_int("context_tokens", 1)
         if self.needle_depth is not None:
@@ -48,9 +58,17 @@ class TextNeedle(Task):
         depth = rng.random() if self.needle_depth is None else float(self.needle_depth)
         needle = f"The secret code of {name} is {code}."
         sentences = filler_sentences(rng, self.context_tokens)
-        sentences, (index,) = insert_at_depths(sentences, [(depth, needle)])
+        # further needles are drawn after the first one's draws, so num_questions=1 samples stay as they were
+        others = [n for n in FACT_NAMES if n != name]
+        extra = [(n, random_code(rng), rng.random()) for n in rng.sample(others, self.num_questions - 1)]
+        facts = [(depth, needle)] + [(d, f"The secret code of {n} is {c}.") for n, c, d in extra]
+        sentences, (index, *_) = insert_at_depths(sentences, facts)
         question = f"What is the secret code of {name}? Answer with the code."
         content = interleave(INTRO, sentences, self.num_images, question, rng)
+        more = [
+            Question(f"What is the secret code of {n}? Answer with the code.", c, {"name": n, "depth": d})
+            for n, c, d in extra
+        ]
         return Sample(
             id=f"text_needle-{self.seed}-{i}",
             content=content,
@@ -63,6 +81,7 @@ class TextNeedle(Task):
                 "num_sentences": len(sentences),
                 "approx_text_tokens": sum(approx_tokens(t) for t in content if isinstance(t, str)),
             },
+            more_questions=more,
         )
 
     def score(self, sample: Sample, prediction: str) -> float:
