@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from kvpress_mm.vision_data import COLORS, DIGITS, SHAPES, multi
 
-from ..sample import Sample
+from ..sample import Question, Sample
 from . import register_task
 from .base import Task
 from .filler import approx_tokens, split_even
@@ -35,7 +35,8 @@ CUES = ("name", "index")
 @dataclass
 class ImageLookup(Task):
     """num_images labelled images; the question is about the one at relative position target_position (None =
-    random)."""
+    random). num_questions > 1 also asks, in turn, about that many other images of the same set (one
+    context, several questions: the question-agnostic protocol compresses it once for all)."""
 
     n_samples: int = 20
     seed: int = 0
@@ -45,10 +46,17 @@ class ImageLookup(Task):
     context_tokens: int = 200
     target_position: float | None = None
     max_new_tokens: int = 12
+    num_questions: int = 1
 
     def __post_init__(self):
         super().__post_init__()
         self._check_int("num_images", 1)
+        self._check_int("num_questions", 1)
+        if self.num_questions > self.num_images:
+            raise ValueError(
+                f"ImageLookup: num_questions must be at most num_images={self.num_images} (one image per "
+                f"question), got {self.num_questions}"
+            )
         self._check_int("context_tokens", 0)
         if self.cue not in CUES:
             raise ValueError(f"ImageLookup: cue must be one of {CUES}, got {self.cue!r}")
@@ -98,6 +106,10 @@ class ImageLookup(Task):
             + labelled_images([s.image for s in scenes], texts=texts, labels=[lab for lab, _ in labels])
             + [qa.question]
         )
+        more = []
+        for k in [k for k in range(n) if k != target][: self.num_questions - 1]:
+            other = next(q for q in multi.label_questions(scenes[k], labels[k][1]) if q.qtype == qtype)
+            more.append(Question(other.question, other.answer, {"target_image": k + 1, "label": labels[k][1]}))
         return Sample(
             id=f"image_lookup-{self.seed}-{i}",
             content=content,
@@ -119,6 +131,7 @@ class ImageLookup(Task):
                 ],
                 "approx_text_tokens": sum(approx_tokens(t) for t in content if isinstance(t, str)),
             },
+            more_questions=more,
         )
 
     def score(self, sample: Sample, prediction: str) -> float:
