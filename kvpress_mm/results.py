@@ -39,7 +39,11 @@ TABLE_COLUMNS = (
     "protocol",
     "n_samples",
     "score",
+    "score_ci",
+    "score_low",
+    "score_high",
     "full_score",
+    "vs_full",
     "kept_fraction",
     "kv_mib_before",
     "kv_mib_after",
@@ -52,6 +56,7 @@ TABLE_COLUMNS = (
     "output_dir",
 )
 STATUS_COLUMNS = ("status", "error")  # left out of a Markdown table whose every row is ok
+CSV_ONLY_COLUMNS = ("score_low", "score_high")  # the Markdown table shows them as score_ci
 ERROR_WIDTH = 160  # characters of an error shown in a Markdown table (results.csv keeps all of it)
 
 
@@ -132,6 +137,7 @@ def comparison_rows(record: dict) -> list[dict]:
         {
             "run": strategy_label(record),
             "score": m.get("score"),
+            "score_ci": interval_text(m.get("score_ci")),
             "kept": m.get("kept_fraction"),
             "kv_mib_before": _mib(before),
             "kv_mib_after": _mib(m.get("kv_bytes_after")),
@@ -151,6 +157,7 @@ def comparison_rows(record: dict) -> list[dict]:
             {
                 "run": "full",
                 "score": get("score"),
+                "score_ci": interval_text(get("score_ci")),
                 "kept": get("kept_fraction") if get("kept_fraction") is not None else 1.0,
                 "kv_mib_before": _mib(full_before),
                 "kv_mib_after": _mib(full_after),
@@ -170,10 +177,30 @@ def comparison_table(record: dict) -> str:
         f"n_samples={record['metrics'].get('n_samples')} "
         f"budget={_budget_text(cfg.get('strategy', {}))}"
     )
-    headers = ["run", "score", "kept", "KV MiB before", "KV MiB after", "prefill s", "decode tok/s"]
-    keys = ["run", "score", "kept", "kv_mib_before", "kv_mib_after", "prefill_s", "decode_tok_s"]
+    headers = ["run", "score", "95% CI", "kept", "KV MiB before", "KV MiB after", "prefill s", "decode tok/s"]
+    keys = ["run", "score", "score_ci", "kept", "kv_mib_before", "kv_mib_after", "prefill_s", "decode_tok_s"]
     body = [[_fmt(row[k]) for k in keys] for row in comparison_rows(record)]
-    return caption + "\n\n" + _markdown(headers, body)
+    return caption + "\n\n" + _markdown(headers, body) + _meaning(record)
+
+
+def _meaning(record: dict) -> str:
+    """One line saying what the table means: the memory saved and whether the score differs from the full
+    cache's on the same samples."""
+    m = record["metrics"]
+    before, after = m.get("kv_bytes_before"), m.get("kv_bytes_after")
+    cmp = m.get("vs_full")
+    if not before or after is None or not cmp:
+        return ""
+    saved = 1 - after / before
+    verdict = (
+        f"differs from the full cache's by {cmp['diff']:+.2f} (significant at 5%"
+        + (f", McNemar p={cmp['p']:.2g}" if cmp.get("p") is not None else "")
+        + ")"
+        if cmp["significant"]
+        else f"is not distinguishable from the full cache's on these {cmp['n']} samples (difference "
+        f"{cmp['diff']:+.2f}" + (f", p={cmp['p']:.2g}" if cmp.get("p") is not None else "") + ")"
+    )
+    return f"\n\nThe strategy keeps {1 - saved:.0%} of the KV bytes ({saved:.0%} saved); its score {verdict}."
 
 
 # ============================================================================ a sweep
@@ -210,7 +237,11 @@ def table_rows(records: Iterable[dict]) -> list[dict]:
                 "protocol": m.get("protocol") or cfg.get("protocol") or "question_aware",
                 "n_samples": m.get("n_samples"),
                 "score": m.get("score"),
+                "score_ci": interval_text(m.get("score_ci")),
+                "score_low": (m.get("score_ci") or (None, None))[0],
+                "score_high": (m.get("score_ci") or (None, None))[1],
                 "full_score": m.get("full_score"),
+                "vs_full": comparison_text(m.get("vs_full")),
                 "kept_fraction": m.get("kept_fraction"),
                 "kv_mib_before": _mib(m.get("kv_bytes_before")),
                 "kv_mib_after": _mib(m.get("kv_bytes_after")),
@@ -224,6 +255,25 @@ def table_rows(records: Iterable[dict]) -> list[dict]:
             }
         )
     return rows
+
+
+def interval_text(ci) -> str | None:
+    """A 95% interval as "[low, high]" (None when the run has none)."""
+    if not ci or any(v is None for v in ci):
+        return None
+    return f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def comparison_text(cmp: dict | None) -> str | None:
+    """A paired comparison with the full cache: "-0.25 [-0.40, -0.10] p=0.003 *" (* = significant at 5%)."""
+    if not cmp:
+        return None
+    text = f"{cmp['diff']:+.2f}"
+    if cmp.get("ci"):
+        text += f" {interval_text(cmp['ci'])}"
+    if cmp.get("p") is not None:
+        text += f" p={cmp['p']:.3g}"
+    return text + (" *" if cmp.get("significant") else "")
 
 
 def run_status(record: dict) -> str:
@@ -241,7 +291,7 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
 
 def markdown_table(rows: list[dict], columns: Iterable[str] = TABLE_COLUMNS[:-2]) -> str:
     """Rows as Markdown; the status and error columns only when some point did not finish ok."""
-    columns = list(columns)
+    columns = [c for c in columns if c not in CSV_ONLY_COLUMNS]
     if all(row.get("status", "ok") == "ok" and not row.get("error") for row in rows):
         columns = [c for c in columns if c not in STATUS_COLUMNS]
     return _markdown(columns, [[_cell(row.get(c), c) for c in columns] for row in rows])
@@ -293,13 +343,14 @@ def score_tables(rows: list[dict]) -> str:
         cells: dict[str, dict[float, float]] = {}
         for r in these:
             if r["strategy"] != "full":
-                cells.setdefault(r["strategy"], {})[float(r["budget"])] = float(r["score"])
+                text = _fmt(float(r["score"])) + (f" {r['score_ci']}" if r.get("score_ci") else "")
+                cells.setdefault(r["strategy"], {})[float(r["budget"])] = text
         n = sorted({r.get("n_samples") for r in these if r.get("n_samples") is not None})
         head = f"**{task}** on {model}" + ("" if protocol == "question_aware" else f", {protocol}")
         head += f" ({', '.join(map(str, n))} samples)" if n else ""
         if fulls:
             head += f"; full cache: {sum(fulls) / len(fulls):.2f}"
-        body = [[name] + [_fmt(by.get(b)) for b in budgets] for name, by in sorted(cells.items())]
+        body = [[name] + [by.get(b, "-") for b in budgets] for name, by in sorted(cells.items())]
         out.append(head + "\n\n" + _markdown(["strategy"] + [f"{b:g}" for b in budgets], body))
     return "\n\n".join(out)
 
@@ -315,7 +366,11 @@ def plot_score_vs_budget(rows: list[dict], path: str | Path) -> Path | None:
     points = [r for r in _finished(rows) if _is_number(r.get("score")) and _is_number(r.get("budget"))]
     if not points:
         return None
-    panels = sorted({(r["model"], r["task"]) for r in points}, key=str)
+
+    def panel(r):
+        return r["model"], r["task"], r.get("protocol") or "question_aware"
+
+    panels = sorted({panel(r) for r in points}, key=str)
     cols = min(3, len(panels))
     nrows = math.ceil(len(panels) / cols)
     names = sorted({r["strategy"] for r in points if r["strategy"] != "full"})
@@ -326,20 +381,34 @@ def plot_score_vs_budget(rows: list[dict], path: str | Path) -> Path | None:
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
     colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
     styles = {name: ("-", "--", ":")[(i // 10) % 3] for i, name in enumerate(names)}
-    for ax, (model, task) in zip(axes, panels):
-        these = [r for r in points if (r["model"], r["task"]) == (model, task)]
+    for ax, (model, task, protocol) in zip(axes, panels):
+        these = [r for r in points if panel(r) == (model, task, protocol)]
         for name in names:
-            xy = sorted((float(r["budget"]), float(r["score"])) for r in these if r["strategy"] == name)
+            xy = sorted(
+                (float(r["budget"]), float(r["score"]), r.get("score_low"), r.get("score_high"))
+                for r in these
+                if r["strategy"] == name
+            )
             if xy:
                 ax.plot(
-                    [x for x, _ in xy],
-                    [y for _, y in xy],
+                    [x for x, *_ in xy],
+                    [y for _, y, *_ in xy],
                     marker="o",
                     markersize=3,
                     label=name,
                     color=colours[name],
                     linestyle=styles[name],
                 )
+                band = [(x, lo, hi) for x, _, lo, hi in xy if _is_number(lo) and _is_number(hi)]
+                if band:  # the 95% interval of each point
+                    ax.fill_between(
+                        [x for x, _, _ in band],
+                        [float(lo) for _, lo, _ in band],
+                        [float(hi) for _, _, hi in band],
+                        color=colours[name],
+                        alpha=0.12,
+                        linewidth=0,
+                    )
         fulls = [float(r["full_score"]) for r in these if _is_number(r.get("full_score"))]
         if fulls:
             ax.axhline(sum(fulls) / len(fulls), linestyle="--", color="grey", label="full cache")
@@ -348,7 +417,8 @@ def plot_score_vs_budget(rows: list[dict], path: str | Path) -> Path | None:
             ax.set_xscale("log")
             ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
             ax.minorticks_off()
-        ax.set_title(f"{task} ({model})", fontsize=10)
+        suffix = "" if protocol == "question_aware" else f", {protocol}"
+        ax.set_title(f"{task} ({model}{suffix})", fontsize=10)
         ax.set_xlabel("budget (fraction of prompt tokens kept)", fontsize=8)
         ax.set_ylabel("score", fontsize=8)
         ax.grid(True, alpha=0.3)

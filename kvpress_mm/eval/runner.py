@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from ..context import ForcedTokens, compress_context
 from .memory import PeakMemory
+from .metrics import bootstrap_interval, mean, paired_comparison, score_interval
 from .metrics import fidelity as fidelity_metrics
-from .metrics import mean
 from .models.bundle import ModelBundle
 from .protocol import PROTOCOLS, SplitSample, split_questions
 from .tasks import Task, get_task
@@ -81,6 +81,11 @@ class RunResult:
     memory_method: str = "none"
     wall_seconds: float = 0.0
     interrupted: bool = False  # stopped early (Ctrl-C): the fields cover the samples finished before
+    # 95% intervals of score / full_score (Wilson for 0/1 scores, bootstrap over samples otherwise) and the
+    # paired comparison strategy vs full on the same samples (metrics.paired_comparison)
+    score_ci: tuple | None = None
+    full_score_ci: tuple | None = None
+    vs_full: dict | None = None
     protocol: str = "question_aware"  # where the question sits relative to the compressed cache (protocol.py)
     n_contexts: int = 0  # distinct compressed prompts (question_agnostic: one per sample, however many questions)
 
@@ -521,6 +526,9 @@ def evaluate(
         unit = "samples" if n_questions == len(samples) else "questions"
         notes.append(f"interrupted after {len(records)} of {n_questions} {unit}.")
     full_scores = [r["full_score"] for r in records]
+    scores = [r["score"] for r in records]
+    if fidelity_mode:
+        metrics["kl_ci"] = bootstrap_interval([r["kl"] for r in records])
     result = RunResult(
         model=bundle.name,
         task=task.name,
@@ -535,6 +543,9 @@ def evaluate(
         peak_memory_bytes=_max(peaks["peak"]),
         n_samples=n,
         samples=records,
+        score_ci=score_interval(scores),
+        full_score_ci=score_interval(full_scores) if run_full else None,
+        vs_full=paired_comparison(scores, full_scores) if run_full else None,
         protocol=protocol,
         n_contexts=contexts,
         notes=" ".join(x for x in notes if x),
