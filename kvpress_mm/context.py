@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .report import CompressionReport
+from .validate import check_int
 
 # per-token inputs that questions extend with zeros (text tokens): Qwen-VL's and Gemma3's type ids
 TOKEN_INPUTS = ("mm_token_type_ids", "token_type_ids")
@@ -72,8 +73,7 @@ class CompressedContext:
             forced = [torch.as_tensor(f, dtype=torch.long).flatten() for f in forced]
         if batch_size is None:
             batch_size = len(questions)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"ask: batch_size must be an integer >= 1 or None, got {batch_size!r}")
+        check_int("ask", "batch_size", batch_size, minimum=1)
         answers: list[Answer | None] = [None] * len(questions)
         for group in self._batches(questions, batch_size):
             rows = [questions[i] for i in group]

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from ..devices import device_problem
+from ..validate import is_int
 from .build import ConfigError, build_strategy, build_task, model_call
 from .config import CONFIG_MODULE
 from .errors import one_line as _one_line
@@ -73,10 +74,10 @@ def check_run_options(cfg: DictConfig) -> None:
     """The run options (batch_size, threads, device) a job uses: ConfigError naming the key on a bad one.
     Cheap and model-free, so a job repeats it before loading its model."""
     batch_size = cfg.get("batch_size", 1)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ConfigError("batch_size", f"must be an integer >= 1, got {batch_size}")
     threads = cfg.get("threads")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+    if threads is not None and (not is_int(threads) or threads < 0):
         raise ConfigError(
             "threads",
             f"must be an integer >= 0 (0 or null: torch's default; N >= 1: N torch CPU threads), got {threads!r}",

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..context import ForcedTokens, compress_context
+from ..validate import check_int
 from .memory import PeakMemory
 from .metrics import bootstrap_interval, mean, paired_comparison, score_interval
 from .metrics import fidelity as fidelity_metrics
@@ -358,8 +359,7 @@ def evaluate(
     protocol: "question_aware" (the question inside the compressed prompt) or "question_agnostic" (the
     context compressed alone, then each question asked on a copy; batch_size then batches one sample's
     questions). Every question of a sample (`Sample.questions`) is scored as a record of its own."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_int("evaluate", "batch_size", batch_size, minimum=1)
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
     task, strategy, strategy_name = _resolve(task, strategy)
