@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -147,19 +148,125 @@ def accumulated_attention(
     `attention_with_accumulated` is the faster one-pass form for plain causal prefill on CPU, and on
     CUDA the two Triton kernels of `attention_stats_triton` do it when Triton is installed.
     allowed: bool [B, 1|H, L, S] or None for plain causal (then the upper triangle is skipped).
+    query_valid: bool [B, L] the queries summed over (padding, or any query set); others count nothing.
     within_causal: `allowed` is known to hide every key after the query's position (`hides_future`).
     """
     if query.is_cuda:
         kernels = _triton_stats()
         if kernels is not None:
             return kernels.accumulated_attention(query, key, scale, allowed, query_valid, within_causal)
+    b, h, _, _ = query.shape
+    s_len = key.shape[2]
+    total = torch.zeros((b, h, s_len), dtype=torch.float32, device=query.device)
+    for _, probs, _ in _probability_chunks(query, key, scale, allowed, query_valid, within_causal):
+        total[..., : probs.shape[-1]] += probs.sum(dim=2)
+    return total
+
+
+@dataclass
+class QueryStatistics:
+    """What `query_statistics` gathered over a query set (each None unless asked for).
+
+    accumulated: [B, H, S] per-key probability sums.
+    sparsity:    [B, H] share of visible (query, key) entries below threshold x the query's largest probability.
+    cross_modal: (mass [B, H, 3, 3], entropy [B, H, 3, 3], queries [B, 3, 3]) over (query group, key group),
+                 the groups of `layer.CROSS_GROUPS` (see `layer.CrossModal`).
+    """
+
+    accumulated: torch.Tensor | None = None
+    sparsity: torch.Tensor | None = None
+    cross_modal: tuple | None = None
+
+
+class StatisticsReducer:
+    """Accumulates statistics over chunks of probabilities [B, H, c, K] (the first K keys of S).
+
+    One reducer serves the chunked pass and the eager probabilities alike, so both give the same numbers.
+    key_groups: float [B, S, 3] one-hot (text, vision, any real key) for the cross-modal tables, or None;
+    query_groups: float [B, L, 3] the same for the queries, zero on queries outside the set.
+    """
+
+    def __init__(self, b, h, s_len, device, sums=True, sparsity=0.0, key_groups=None, query_groups=None):
+        self.sums = torch.zeros((b, h, s_len), dtype=torch.float32, device=device) if sums else None
+        self.threshold = sparsity
+        if sparsity > 0:
+            self.below = torch.zeros((b, h), dtype=torch.float32, device=device)
+            self.seen = torch.zeros((b, h), dtype=torch.float32, device=device)
+        self.key_groups, self.query_groups = key_groups, query_groups
+        if key_groups is not None:
+            n = key_groups.shape[-1]
+            self.mass = torch.zeros((b, h, n, n), dtype=torch.float32, device=device)
+            self.entropy = torch.zeros((b, h, n, n), dtype=torch.float32, device=device)
+            self.counted = torch.zeros((b, n, n), dtype=torch.float32, device=device)
+
+    def add(self, probs: torch.Tensor, i0: int, visible: torch.Tensor | None, query_valid: torch.Tensor | None):
+        """probs [B, H, c, K] of queries i0..i0+c (zero rows outside the set); visible: bool broadcastable to
+        probs, the entries the mask let through (needed for sparsity); query_valid [B, L] or None."""
+        c, k_len = probs.shape[2], probs.shape[3]
+        if self.sums is not None:
+            self.sums[..., :k_len] += probs.sum(dim=2)
+        if self.threshold > 0:
+            rows = None if query_valid is None else query_valid[:, None, i0 : i0 + c, None]
+            seen = visible if rows is None else visible & rows
+            top = probs.amax(dim=-1, keepdim=True)
+            below = (probs < top * self.threshold) & seen
+            self.below += below.sum(dim=(-1, -2)).float().expand_as(self.below)
+            self.seen += seen.sum(dim=(-1, -2)).float().expand_as(self.seen)
+        if self.key_groups is not None:
+            groups = self.key_groups[:, :k_len]
+            mass = torch.einsum("bhck,bkg->bhcg", probs, groups)
+            plogp = torch.einsum("bhck,bkg->bhcg", torch.special.xlogy(probs, probs), groups)
+            present = mass > 0
+            entropy = torch.where(present, mass.clamp(min=1e-30).log() - plogp / mass.clamp(min=1e-30), 0.0)
+            q_groups = self.query_groups[:, i0 : i0 + c]
+            self.mass += torch.einsum("bhcg,bcq->bhqg", mass, q_groups)
+            self.entropy += torch.einsum("bhcg,bcq->bhqg", entropy, q_groups)
+            self.counted += torch.einsum("bcg,bcq->bqg", present.any(dim=1).float(), q_groups)
+
+    def result(self) -> QueryStatistics:
+        out = QueryStatistics(accumulated=self.sums)
+        if self.threshold > 0:
+            out.sparsity = self.below / self.seen.clamp(min=1)
+        if self.key_groups is not None:
+            out.cross_modal = (self.mass, self.entropy, self.counted)
+        return out
+
+
+def query_statistics(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    allowed: torch.Tensor | None = None,
+    query_valid: torch.Tensor | None = None,
+    within_causal: bool = False,
+    sums: bool = True,
+    sparsity: float = 0.0,
+    key_groups: torch.Tensor | None = None,
+    query_groups: torch.Tensor | None = None,
+) -> QueryStatistics:
+    """Sums, sparsity and cross-modal tables of the valid queries' probabilities in one chunked pass.
+
+    Same arguments as `accumulated_attention` (the torch form on every device: Triton computes sums only);
+    sparsity / key_groups / query_groups as in `StatisticsReducer`.
+    """
+    b, h, _, _ = query.shape
+    reducer = StatisticsReducer(b, h, key.shape[2], query.device, sums, sparsity, key_groups, query_groups)
+    need_visible = sparsity > 0
+    for i0, probs, visible in _probability_chunks(query, key, scale, allowed, query_valid, within_causal, need_visible):
+        reducer.add(probs, i0, visible, query_valid)
+    return reducer.result()
+
+
+def _probability_chunks(query, key, scale, allowed, query_valid, within_causal, need_visible=False):
+    """Yield (i0, probs [B, H, c, k_end], visible) per query chunk: probabilities of queries i0..i0+c over the
+    first k_end keys (the rest are hidden from all of them), zero rows for queries outside query_valid.
+    visible: bool [B, 1|H, c, k_end] entries the mask lets through (need_visible), else None."""
     b, h, length, d = query.shape
     kv_heads, s_len = key.shape[1], key.shape[2]
     groups = h // kv_heads
     offset = s_len - length
     q_all = query.float() * scale
     k_t = key.float().transpose(-1, -2)
-    total = torch.zeros((b, kv_heads, groups, s_len), dtype=torch.float32, device=query.device)
     chunk = _chunk_size(b, h, s_len)
     starts = range(0, length, chunk)
     # causal: queries of a chunk see keys up to their own position only. Under a mask, a chunk whose
@@ -175,8 +282,11 @@ def accumulated_attention(
         c = i1 - i0
         q = _grouped(q_all[:, :, i0:i1], kv_heads)
         scores = torch.matmul(q, k_t[..., :k_end]).view(b, kv_heads, groups, c, k_end)
+        visible = None
         if allowed is not None:
             blocked = ~allowed[:, :, i0:i1, :k_end]
+            if need_visible:
+                visible = ~blocked
             if blocked.shape[1] == 1:
                 blocked = blocked[:, :, None]
             else:
@@ -186,6 +296,10 @@ def accumulated_attention(
             if tri is None or tri.shape[0] != c:
                 tri = torch.ones((c, c), dtype=torch.bool, device=query.device).triu_(1)
             scores[..., k_end - c :].masked_fill_(tri, float("-inf"))
+            if need_visible:
+                visible = torch.ones((c, k_end), dtype=torch.bool, device=query.device)
+                visible[:, k_end - c :] = ~tri
+                visible = visible[None, None]
         row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
         # fully blocked rows (padding queries) have lse = -inf or a huge negative value: make them contribute 0
         row_lse = torch.where(row_lse < -1e30, float("inf"), row_lse)
@@ -193,8 +307,87 @@ def accumulated_attention(
         scores.exp_()
         if query_valid is not None:
             scores.mul_(query_valid[:, None, None, i0:i1, None].to(scores.dtype))
-        total[..., :k_end] += scores.sum(dim=3)
-    return total.view(b, h, s_len)
+        yield i0, scores.view(b, h, c, k_end), visible
+
+
+def gather_window_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    positions: torch.Tensor,
+    allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax probabilities of chosen queries over all keys: [B, H, Q, S] float32.
+
+    positions: long [B, Q] index of each row's query among the L queries, -1 for a zero row (a set with fewer
+    queries than Q). query [B, H, L, D], key [B, Hkv, S, D]; allowed: bool [B, 1|H, L, S] or None (causal).
+    """
+    b, h, length, d = query.shape
+    kv_heads, s_len = key.shape[1], key.shape[2]
+    n = positions.shape[1]
+    at = positions.clamp(min=0)
+    q = torch.gather(query, 2, at[:, None, :, None].expand(b, h, n, d)).float() * scale
+    scores = torch.matmul(_grouped(q, kv_heads), key.float().transpose(-1, -2)).view(b, h, n, s_len)
+    if allowed is not None:
+        rows = torch.gather(allowed, 2, at[:, None, :, None].expand(b, allowed.shape[1], n, s_len))
+        scores.masked_fill_(~rows, float("-inf"))
+    else:
+        hidden = torch.arange(s_len, device=query.device)[None, None, :] > (s_len - length + at)[:, :, None]
+        scores.masked_fill_(hidden[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+    return probs.mul_((positions >= 0)[:, None, :, None].to(probs.dtype))
+
+
+def last_positions(members: torch.Tensor, count: int) -> torch.Tensor:
+    """long [B, count]: the positions of each row's last `count` True entries of members (bool [B, L]),
+    ascending, left-padded with -1 where a row has fewer."""
+    length = members.shape[1]
+    index = torch.where(members, torch.arange(length, device=members.device), -1)
+    top = index.topk(min(count, length), dim=-1).values  # descending; -1 last
+    return top.flip(-1)
+
+
+def elite_positions(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    query_text: torch.Tensor,
+    key_text: torch.Tensor,
+    count: int,
+    threshold: float,
+    allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """AirCache's elite observation window: long [B, Q] query positions (ascending, -1 padded), Q = min(count, L).
+
+    The reference is each row's last real text query (its last real query if it has none); its attention over the
+    text keys it sees is a softmax restricted to them, averaged over the heads. Elite are the text queries whose
+    key gets at least threshold x the largest of those probabilities, the `count` strongest of them (the
+    reference itself when none qualifies, e.g. when the strongest text keys are in a compressed past).
+    query_text: bool [B, L] real text queries; key_text: bool [B, S] text keys (the last L are the queries').
+    """
+    b, h, length, d = query.shape
+    kv_heads, s_len = key.shape[1], key.shape[2]
+    offset = s_len - length
+    positions = torch.arange(length, device=query.device)
+    ref = torch.where(query_text, positions, -1).amax(-1)
+    ref = torch.where(ref >= 0, ref, length - 1)
+    q = torch.gather(query, 2, ref[:, None, None, None].expand(b, h, 1, d)).float() * scale
+    scores = torch.matmul(_grouped(q, kv_heads), key.float().transpose(-1, -2)).view(b, h, s_len)
+    if allowed is not None:
+        sees = torch.gather(allowed, 2, ref[:, None, None, None].expand(b, allowed.shape[1], 1, s_len))[:, :, 0]
+    else:
+        sees = (torch.arange(s_len, device=query.device)[None, :] <= (offset + ref)[:, None])[:, None]
+    scores.masked_fill_(~(sees & key_text[:, None, :]), float("-inf"))
+    relevancy = torch.softmax(scores, dim=-1).nan_to_num_(0.0).mean(1)  # [B, S]
+    top = relevancy.amax(-1, keepdim=True)
+    mine = relevancy[:, offset:]
+    elite = query_text & (mine >= threshold * top) & (mine > 0)
+    none = ~elite.any(-1)
+    elite = elite | (none[:, None] & (positions[None, :] == ref[:, None]))
+    n = min(count, length)
+    strongest = torch.where(elite, mine, float("-inf")).topk(n, dim=-1)
+    chosen = torch.where(strongest.values > float("-inf"), strongest.indices, -1)
+    return chosen.sort(dim=-1).values
 
 
 def hides_future(allowed: torch.Tensor, chunk: int = 1024) -> bool:

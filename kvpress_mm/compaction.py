@@ -18,8 +18,9 @@ from .report import LayerReport
 
 
 def layer_view(
-    layer_idx, num_layers, keys, values, modality, keep_count, num_query_heads, window=None, accumulated=None
+    layer_idx, num_layers, keys, values, modality, keep_count, num_query_heads, window=None, accumulated=None, **extra
 ) -> LayerKV:
+    """extra: further LayerKV fields (statistics.LayerStats.view_fields: window positions, sparsity, ...)."""
     return LayerKV(
         layer_idx=layer_idx,
         num_layers=num_layers,
@@ -30,6 +31,7 @@ def layer_view(
         num_query_heads=num_query_heads,
         window_attention=window,
         accumulated_attention=accumulated,
+        **extra,
     )
 
 
@@ -80,7 +82,8 @@ def compress_first_prompt(strategy, layer, idx, num_layers, num_query_heads, pro
     out = CompressedLayer.from_layer(layer, state)
     if not (strategy.compress_prefill() and prompt.evicts(idx, keys.device)):
         return out, LayerReport(length, length, before, before, 1.0), valid[:, None, :]
-    view = layer_view(idx, num_layers, keys, values, modality, keep_count, num_query_heads, window, accumulated)
+    more = stats.view_fields() if hasattr(stats, "view_fields") else {}
+    view = layer_view(idx, num_layers, keys, values, modality, keep_count, num_query_heads, window, accumulated, **more)
     plan = strategy.plan(view)
     kept_share = (plan.keep & valid[:, None, :]).sum(-1).float() / n_valid[:, None].clamp(min=1)
     kept_share = check_plan(strategy, plan, view, kept_share.mean())
@@ -148,6 +151,7 @@ def compress_later_prompt(strategy, layer, idx, num_layers, num_query_heads, pro
             num_query_heads,
             None if window is None else window[..., start:],
             None if accumulated is None else accumulated[..., start:],
+            **(stats.view_fields() if hasattr(stats, "view_fields") else {}),
         )
         plan = strategy.plan(view)
         kept_share = (plan.keep & valid[:, None, :]).sum(-1).float() / n_valid[:, None].clamp(min=1)

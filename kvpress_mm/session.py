@@ -10,6 +10,12 @@ Per forward: the model's pre-hook decides what this forward is (a first prompt, 
 compress, or a step to read through decode masks); the attention wrapper computes statistics on
 prompts and gives compacted layers their masks; the attention module's hook compacts its layer.
 What a later call needs (logical length, slot positions, masks) lives on the cache, not here.
+
+Cross-layer budgets: a strategy with `budget_scope = "model"` allocates its layers' kept counts from every
+layer's statistics (`layer_summary(layer)` per layer, then `allocate(summaries, n_valid, num_layers)`, which
+must keep in all what the uniform budget rule would). Its layers are compacted only once the last managed
+layer of the prompt has run: until then each layer's cache and statistics are held (memory: the statistics
+of all layers, [B, H, S] sums / [B, H, Q, S] windows each, live until the prompt's end).
 """
 
 from __future__ import annotations
@@ -20,13 +26,13 @@ import torch
 
 from .adapters import adapter_for
 from .cache_ops import layer_bytes
-from .compaction import compress_decode, compress_first_prompt, compress_later_prompt
+from .compaction import compress_decode, compress_first_prompt, compress_later_prompt, layer_view, past_state
 from .compressed_cache import CompressedCache, CompressedLayer, as_compressed, check_cache
 from .hooks import SUPPORTED_BACKENDS, Hooks
 from .modality import modality_from_ids
 from .prompt import Prompt
 from .report import CompressionReport, LayerReport
-from .statistics import Statistics
+from .statistics import LayerStats, Statistics
 
 logger = logging.getLogger("kvpress_mm")
 
@@ -63,6 +69,9 @@ class CompressionSession:
         self.needs = strategy.needs()
         self.decode_every = strategy.decode_interval()
         self.compress_mode = strategy.compress
+        # "model": the layers' budgets are allocated together at the prompt's end (see the module docstring)
+        self.model_scope = getattr(strategy, "budget_scope", "layer") == "model"
+        self.deferred: dict[int, LayerStats] = {}
         if self.adapter.multimodal:
             self.adapter.token_ids(model)  # fail now, not mid-generate, if the image token id is missing
         self.hooks = Hooks(model, self.decoder, self.attention_modules)
@@ -72,7 +81,7 @@ class CompressionSession:
         self.cache = None  # the cache of the current forward
         self.prompt: Prompt | None = None
         self.stats: Statistics | None = None
-        self.pending: dict[int, tuple] = {}
+        self.pending: dict[int, LayerStats] = {}
         self.decode_mask_2d: torch.Tensor | None = None
         self._layout_changed = False  # a layer was compacted in this forward: the cache's summary is stale
         self._active = False
@@ -98,6 +107,7 @@ class CompressionSession:
         self._end_forward()
         self.prompt = None
         self.pending.clear()
+        self.deferred.clear()
         self._active = False
 
     @property
@@ -122,6 +132,7 @@ class CompressionSession:
             check_cache(cache)
         self.cache = cache
         self.pending.clear()
+        self.deferred.clear()
         mask = kwargs.get("attention_mask")
         mask_2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         past = 0 if cache is None else cache.get_seq_length()
@@ -177,7 +188,7 @@ class CompressionSession:
                 logger.warning("prompt given as inputs_embeds without input_ids: every position is treated as text")
             fake_ids = torch.zeros(embeds.shape[:2], dtype=torch.long, device=embeds.device)
             modality = modality_from_ids(fake_ids, attention_mask)
-        self.prompt = Prompt(modality, self.strategy, self.num_layers, first)
+        self.prompt = Prompt(modality, self.strategy, self.num_layers, first, input_ids)
 
     # ------------------------------------------------------------------ the attention wrapper
     def attention(self, base, module, query, key, value, attention_mask, **kwargs):
@@ -193,16 +204,27 @@ class CompressionSession:
         if prompt is not None and query.shape[2] == prompt.length > 1:
             device = query.device
             if self.needs.any and (self.decode_every or prompt.evicts(idx, device)):
-                _, valid, _, all_valid = prompt.on(device)
+                key_modality = None
+                if self.needs.key_modality and key.shape[2] > prompt.length:
+                    key_modality = self._key_modality(layer, key.shape[2], device)
                 result, stats = self.stats.prompt_attention(
-                    base, module, query, key, value, attention_mask, valid, all_valid, kwargs
+                    base, module, query, key, value, attention_mask, prompt.on(device), kwargs, key_modality
                 )
+                stats.token_ids = prompt.ids_on(device)
                 self.pending[idx] = stats
                 return result
             return base(module, query, key, value, attention_mask, **kwargs)
         if isinstance(layer, CompressedLayer) and layer.state.scores is not None:
             layer.state.add_scores(Statistics.decode_probs(query, key, attention_mask, kwargs))
         return base(module, query, key, value, attention_mask, **kwargs)
+
+    def _key_modality(self, layer, length: int, device) -> torch.Tensor:
+        """[B, S] labels of a later prompt's keys: the compressed past's slots, then the prompt's tokens."""
+        n = self.prompt.length
+        mask = self.decode_mask_2d
+        past_mask = None if mask is None else mask[:, :-n]
+        past = past_state(layer, length - n, past_mask).current_modality(length - n, past_mask, device)
+        return torch.cat([past, self.prompt.on(device)[0]], dim=-1)
 
     def _layer(self, idx: int):
         cache = self.cache
@@ -213,7 +235,7 @@ class CompressionSession:
     # ------------------------------------------------------------------ compaction
     def _after_attention(self, module, args, kwargs, output):
         idx = module.layer_idx
-        stats = self.pending.pop(idx, (None, None))
+        stats = self.pending.pop(idx, None)
         cache = _cache_from(kwargs)
         if cache is None or self.prompt is None and not self.decode_every:
             return
@@ -232,7 +254,12 @@ class CompressionSession:
             return
         prompt = self.prompt
         if prompt is not None and idx not in self.report.layers:
-            self._compress_prompt(cache, idx, layer, stats)
+            if stats is None:
+                stats = LayerStats(token_ids=prompt.ids_on(keys.device))
+            if self.model_scope:
+                self._defer(cache, idx, stats)
+            else:
+                self._compress_prompt(cache, idx, layer, stats)
         elif prompt is None and isinstance(layer, CompressedLayer):
             if compress_decode(
                 self.strategy,
@@ -271,6 +298,69 @@ class CompressionSession:
         self._layout_changed = True
         if prompt.first and idx == max(self.managed):
             cache.rope_deltas = self._rope_deltas()
+
+    # ------------------------------------------------------------------ cross-layer budgets
+    def _defer(self, cache, idx: int, stats: LayerStats) -> None:
+        """Hold layer idx until the last managed layer has run, then allocate and compact them all."""
+        self.deferred[idx] = stats
+        if idx != max(self.managed):
+            return
+        deferred, self.deferred = self.deferred, {}
+        order = sorted(deferred)
+        prompt = self.prompt
+        device = cache.layers[order[0]].keys.device
+        uniform = prompt.keep_counts(order[0], device)
+        if any(prompt.evicts(i, cache.layers[i].keys.device) for i in order):
+            self._allocate(cache, order, deferred, uniform)
+        for i in order:
+            self._compress_prompt(cache, i, cache.layers[i], deferred[i])
+
+    def _allocate(self, cache, order: list[int], deferred: dict, uniform: torch.Tensor) -> None:
+        """The strategy's per-layer counts from every layer's summary; checked to keep what uniform would."""
+        prompt = self.prompt
+        strategy = self.strategy
+        summaries = []
+        for i in order:
+            keys = cache.layers[i].keys
+            summaries.append(strategy.layer_summary(self._summary_view(i, keys, cache.layers[i].values, deferred[i])))
+        _, _, n_valid, _ = prompt.on(uniform.device)
+        counts = strategy.allocate(summaries, n_valid, len(order))
+        name = type(strategy).__name__
+        expected = (len(order), n_valid.shape[0])
+        if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != expected or counts.is_floating_point():
+            got = tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__
+            raise ValueError(f"{name}.allocate returned {got}; expected integer counts of shape {expected}")
+        counts = counts.to(uniform.device).long()
+        bad = torch.stack(
+            [
+                (counts.sum(0) != uniform * len(order)).any(),
+                (counts < torch.clamp(n_valid, max=1)[None]).any() | (counts > n_valid[None]).any(),
+            ]
+        ).tolist()
+        if bad[0]:
+            raise ValueError(f"{name}.allocate must keep in all what the uniform budget keeps ({len(order)} x uniform)")
+        if bad[1]:
+            raise ValueError(f"{name}.allocate gave a layer fewer than 1 or more than its row's real tokens")
+        prompt.set_keep_counts({i: counts[j].to(cache.layers[i].keys.device) for j, i in enumerate(order)})
+
+    def _summary_view(self, idx: int, keys, values, stats: LayerStats):
+        """The LayerKV layer_summary sees: the prompt's slots (a later prompt: the last L), uniform keep counts."""
+        prompt = self.prompt
+        device = keys.device
+        start = keys.shape[2] - prompt.length
+        window, accumulated = stats
+        return layer_view(
+            idx,
+            self.num_layers,
+            keys[:, :, start:],
+            values[:, :, start:],
+            prompt.on(device)[0],
+            prompt.keep_counts(idx, device),
+            self._query_heads(idx),
+            None if window is None else window[..., start:],
+            None if accumulated is None else accumulated[..., start:],
+            **stats.view_fields(),
+        )
 
     def _rope_deltas(self):
         """Qwen-VL's M-RoPE offset of the prompt (kept with the cache for later calls), else None."""

@@ -57,6 +57,15 @@ SPECS = {
     "text_prior": ("bool", {}),
     "inner": ("choice", dict(choices=tuple(SCORING))),
     "inner_fields": ("mapping", {}),
+    "sparsity_threshold": ("number", dict(low=0.0, high=1.0)),
+    "uniform_share": ("number", dict(low=0.0, high=1.0)),
+    "relevancy_threshold": ("number", dict(low=0.0, high=1.0)),
+    "coverage": ("number", dict(low=0.0, high=1.0, low_open=True)),
+    "text_first": ("bool", {}),
+    "entropy": ("choice", dict(choices=("cross_modal", "all"))),
+    "compensation": ("choice", dict(choices=("sequential", "proportional"))),
+    "spans": ("choice", dict(choices=("none", "chunks"))),
+    "span_size": ("int", dict(low=1)),
 }
 
 FIELDS = [(name, f.name) for name in list_strategies() for f in dataclasses.fields(strategy_class(name)[0])]
