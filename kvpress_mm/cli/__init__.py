@@ -42,6 +42,12 @@ COMMANDS = {
         "prefill / decode / memory of every strategy vs plain sdpa",
         preflight=False,
     ),
+    "profile-heads": Command(
+        "profile_heads",
+        "kvpress_mm.cli.profile_heads:run_profile_heads",
+        "find a model's visual heads (SparseMM) and write its head profile",
+        preflight=False,
+    ),
 }
 DEFAULT_COMMAND = "eval"
 TARGET_KEY = "strategy._target_"
