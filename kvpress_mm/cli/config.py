@@ -71,6 +71,9 @@ class EvalConfig:
     # question_aware: the question is inside the compressed prompt; question_agnostic: the context is
     # compressed alone, then each question is asked on a copy of the compressed cache
     protocol: str = "question_aware"
+    # generate tasks: also teacher-force the gold answer on both caches (its log-likelihood and the KL to the
+    # full cache over its tokens); one more generate per batch and cache
+    likelihood: bool = True
 
 
 @dataclass

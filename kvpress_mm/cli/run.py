@@ -90,6 +90,7 @@ def _run_eval(cfg: DictConfig) -> dict:
                 progress=cfg.progress,
                 device=cfg.device,
                 protocol=cfg.protocol,
+                likelihood=cfg.likelihood,
             ),
             None,
         )

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..context import ForcedTokens, compress_context
 from ..validate import check_int
 from .memory import PeakMemory
-from .metrics import bootstrap_interval, mean, paired_comparison, score_interval
+from .metrics import bootstrap_interval, mean, next_token_kl, paired_comparison, score_interval
 from .metrics import fidelity as fidelity_metrics
 from .models.bundle import ModelBundle
 from .protocol import PROTOCOLS, SplitSample, split_questions
@@ -159,7 +159,10 @@ def _generate(
     }
     prompt_len = inputs["input_ids"].shape[1]
     if force is not None:
-        kwargs["logits_processor"] = LogitsProcessorList([ForcedTokens(force, prompt_len)])
+        forced = (
+            ForcedTokens.from_rows(force, prompt_len) if isinstance(force, list) else ForcedTokens(force, prompt_len)
+        )
+        kwargs["logits_processor"] = LogitsProcessorList([forced])
     session = strategy(model) if strategy is not None else nullcontext()
     with PeakMemory(device) as mem, ForwardTimer(model, device) as timer:
         with session as press:
@@ -232,6 +235,28 @@ def _ask(
         memory_method=mem.method,
         report=context.report,
     )
+
+
+def _gold_answer_stats(bundle, batch, run_one, strategy, key, max_tokens: int) -> list[dict]:
+    """Per question: the gold answer's log-likelihood under the strategy's cache and the full one
+    (teacher-forced), and the mean next-token KL(full || strategy) over the gold tokens."""
+    gold = [torch.tensor(bundle.encode(s.answer)[:max_tokens], dtype=torch.long) for s in batch]
+    if any(g.numel() == 0 for g in gold):
+        return [{} for _ in batch]
+    steps = max(g.numel() for g in gold)
+    full_key = (*key, "gold")
+    full = _FULL_RUNS.get(full_key)
+    if full is None:
+        full = _FULL_RUNS[full_key] = run_one(None, steps, force=gold, logits=True)
+    run = run_one(strategy, steps, force=gold, logits=True)
+    out = []
+    for b, g in enumerate(gold):
+        n = g.numel()
+        lp = torch.log_softmax(run.logits[b, :n].double(), -1).gather(-1, g[:, None]).sum()
+        full_lp = torch.log_softmax(full.logits[b, :n].double(), -1).gather(-1, g[:, None]).sum()
+        kl = next_token_kl(full.logits[b, :n], run.logits[b, :n]).mean()
+        out.append({"gold_logprob": float(lp), "full_gold_logprob": float(full_lp), "gold_kl": float(kl)})
+    return out
 
 
 def _units(samples, protocol: str, batch_size: int):
@@ -352,13 +377,19 @@ def evaluate(
     progress: bool = True,
     device=None,
     protocol: str = "question_aware",
+    likelihood: bool = True,
 ) -> RunResult:
     """Run every sample of `task` with `strategy` (an instance, a registered name, or None = "full") on
     `bundle`; with compare_full, also with the full cache on the same samples. See the module doc.
 
     protocol: "question_aware" (the question inside the compressed prompt) or "question_agnostic" (the
     context compressed alone, then each question asked on a copy; batch_size then batches one sample's
-    questions). Every question of a sample (`Sample.questions`) is scored as a record of its own."""
+    questions). Every question of a sample (`Sample.questions`) is scored as a record of its own.
+
+    likelihood (generate tasks, bundles with `encode`): also teacher-force each gold answer on both caches
+    and record its log-likelihood under each and the mean next-token KL(full || strategy) over its tokens,
+    continuous metrics that separate strategies where exact match is 0 or 1 for all (one more generate per
+    batch and cache)."""
     check_int("evaluate", "batch_size", batch_size, minimum=1)
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
@@ -434,6 +465,9 @@ def evaluate(
             report = run.report
             kept = report.kept_fraction if report is not None else 1.0
             done: list[dict] = []  # this batch's sample records (kept only once the whole batch is scored)
+            gold_stats = None
+            if likelihood and not fidelity_mode and bundle.encode is not None and run_full:
+                gold_stats = _gold_answer_stats(bundle, batch, run_one, strategy, key, task.max_new_tokens)
             if fidelity_mode:
                 reference = _texts(bundle, full.new_tokens, full_len)
                 for b, sample in enumerate(batch):
@@ -471,6 +505,7 @@ def evaluate(
                             "full_score": task.score(sample, full_predictions[b]) if full is not None else None,
                             "batch_kept_fraction": kept,
                             "meta": sample.meta,
+                            **(gold_stats[b] if gold_stats else {}),
                         }
                     )
             # the batch is complete: count it (an interrupt before this point leaves no trace of it)
@@ -529,6 +564,16 @@ def evaluate(
     scores = [r["score"] for r in records]
     if fidelity_mode:
         metrics["kl_ci"] = bootstrap_interval([r["kl"] for r in records])
+    gold = [r for r in records if r.get("gold_logprob") is not None]
+    if gold:
+        drop = [r["full_gold_logprob"] - r["gold_logprob"] for r in gold]
+        kl = [r["gold_kl"] for r in gold]
+        metrics["gold_logprob"] = mean(r["gold_logprob"] for r in gold)
+        metrics["full_gold_logprob"] = mean(r["full_gold_logprob"] for r in gold)
+        metrics["gold_logprob_drop"] = mean(drop)
+        metrics["gold_logprob_drop_ci"] = bootstrap_interval(drop)
+        metrics["gold_kl"] = mean(kl)
+        metrics["gold_kl_ci"] = bootstrap_interval(kl)
     result = RunResult(
         model=bundle.name,
         task=task.name,

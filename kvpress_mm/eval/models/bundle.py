@@ -51,7 +51,9 @@ class ModelBundle:
     """name: what load_model was called with; prepare(samples) -> left-padded inputs on the model's device
     for `model.generate(**inputs)`; decode(ids) -> texts of the rows of `ids` (new tokens only);
     trained: whether the answers are meaningful (a trained language model); notes: caveats for reports.
-    generate_kwargs: extra keyword arguments for `generate` (e.g. pad / eos ids); info: details for reports."""
+    generate_kwargs: extra keyword arguments for `generate` (e.g. pad / eos ids); info: details for reports.
+    encode(text) -> the token ids of `text` as the model would emit it (for teacher-forced gold answers;
+    None: the bundle cannot, and gold-answer metrics are skipped)."""
 
     name: str
     model: torch.nn.Module
@@ -61,6 +63,7 @@ class ModelBundle:
     notes: str = ""
     generate_kwargs: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    encode: Callable[[str], list[int]] | None = None
 
     @property
     def device(self) -> torch.device:

@@ -120,6 +120,7 @@ def load_hub_bundle(
         model=model,
         prepare=prepare,
         decode=decode,
+        encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
         trained=True,
         notes=f"{model_id} ({type(model).__name__}) prompted through its chat template.",
         generate_kwargs={"pad_token_id": tokenizer.pad_token_id},

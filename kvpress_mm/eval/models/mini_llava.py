@@ -46,6 +46,7 @@ def load_mini_llava_bundle(
         model=model,
         prepare=prepare,
         decode=decode,
+        encode=lambda text: tok(text, add_special_tokens=False)["input_ids"],
         trained=True,  # the language model is; see notes for the projector
         notes=notes,
         generate_kwargs={"pad_token_id": processor.pad_token_id},

@@ -121,6 +121,7 @@ def load_tiny_bundle(family: str, dtype="float32", device="cpu", seed: int = 0) 
         model=model,
         prepare=prepare,
         decode=decode,
+        encode=lambda text: text_ids(text, id_range),
         trained=False,
         notes=(
             f"tiny_{family}: random weights (kvpress_mm.testing), pseudo-tokens from hashed words, "
