@@ -154,6 +154,7 @@ def proportional_counts(
         lam_lo = torch.where(more, mid, lam_lo)
         lam_hi = torch.where(more, lam_hi, mid)
     exact = (lam_hi[..., None] * w).clamp(min=low, max=high)
+    exact = torch.where((exact - exact.round()).abs() < 1e-6, exact.round(), exact)  # bisection noise on integers
     counts = exact.floor().clamp(min=low)
     frac = exact - counts
     target = total.round()
