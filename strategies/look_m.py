@@ -23,6 +23,7 @@ from kvpress_mm.validate import check_bool, check_choice, check_fraction, check_
 
 TEXT_PRIOR_MODES = ("strict_budget", "keep_all_text")
 SCORES = ("sum", "mean")
+RANKINGS = ("accumulated", "window")
 
 
 @register_strategy("look_m")
@@ -31,7 +32,8 @@ class LookM(EvictionStrategy):
     """Algorithm (per row and kv head), with keep = the budget rule:
 
       1. score[j] = attention key j received from all prompt queries (H2O), averaged over the query
-         group; score="mean" divides by the number of queries that could see j
+         group; score="mean" divides by the number of queries that could see j.
+         ranking="window": from the last `window_size` prompt queries only (SnapKV's observation window)
       2. protect the first `sinks` tokens and the last floor(recent_share * keep) tokens
       3. text_prior: text tokens rank before image / video tokens, each tier by score
       4. keep the protected tokens plus the best-ranked others, keep in all
@@ -49,6 +51,8 @@ class LookM(EvictionStrategy):
     merge_scope: str = "any"
     sinks: int = 4
     score: str = "sum"
+    ranking: str = "accumulated"
+    window_size: int = 32
 
     def __post_init__(self):
         super().__post_init__()
@@ -57,6 +61,10 @@ class LookM(EvictionStrategy):
         check_choice(owner, "merge_scope", self.merge_scope, MERGE_SCOPES)
         check_choice(owner, "text_prior_mode", self.text_prior_mode, TEXT_PRIOR_MODES)
         check_choice(owner, "score", self.score, SCORES)
+        check_choice(owner, "ranking", self.ranking, RANKINGS)
+        check_int(owner, "window_size", self.window_size, minimum=1)
+        if self.ranking == "accumulated" and self.window_size != 32:
+            warn_ignored(owner, "window_size", self.window_size, 'it applies with ranking="window" only')
         check_bool(owner, "text_prior", self.text_prior)
         check_int(owner, "sinks", self.sinks, minimum=0)
         check_fraction(owner, "recent_share", self.recent_share)
@@ -71,6 +79,8 @@ class LookM(EvictionStrategy):
         return not (self.text_prior and self.text_prior_mode == "keep_all_text")
 
     def needs(self) -> AttentionNeeds:
+        if self.ranking == "window":
+            return AttentionNeeds(window=self.window_size)
         return AttentionNeeds(accumulated=True)
 
     def promised(self, layer: LayerKV) -> torch.Tensor:
@@ -81,11 +91,16 @@ class LookM(EvictionStrategy):
         return first_tokens(layer, sinks) | last_tokens(layer, recent)
 
     def scores(self, layer: LayerKV) -> torch.Tensor:
-        scores = per_kv_head(layer.accumulated_attention, layer.groups)
+        if self.ranking == "window":
+            scores = per_kv_head(layer.window_attention.sum(2), layer.groups)
+        else:
+            scores = per_kv_head(layer.accumulated_attention, layer.groups)
         if self.score == "mean":
-            # queries that can see key j: the real tokens from j on (causal)
-            seen_by = (layer.n_valid[:, None] - layer.rank).clamp(min=1)
-            scores = scores / seen_by[:, None, :]
+            # queries that can see key j: the real tokens from j on (causal), within the window if ranked by it
+            seen_by = layer.n_valid[:, None] - layer.rank
+            if self.ranking == "window":
+                seen_by = torch.minimum(seen_by, layer.n_valid.clamp(max=self.window_size)[:, None])
+            scores = scores / seen_by.clamp(min=1)[:, None, :]
         return scores
 
     def plan(self, layer: LayerKV) -> Plan:

@@ -10,6 +10,7 @@ import torch
 from kvpress_mm.head_profiles import AUTO, HeadProfile, check_profile_field, find_profile, load_profile
 from kvpress_mm.layer import LayerKV, Plan
 from kvpress_mm.registry import register_strategy
+from kvpress_mm.selection import top_per_head
 from kvpress_mm.strategy import EvictionStrategy
 from kvpress_mm.validate import check_choice, check_fraction
 
@@ -134,19 +135,7 @@ class SparseMM(SnapKV):
         counts = self.head_budgets(layer)
         rank = self.scores(layer).float().expand(layer.batch, layer.kv_heads, layer.length)
         rank = rank.masked_fill(self.promised(layer)[:, None, :], float("inf"))
-        rank = rank.masked_fill(~layer.valid[:, None, :], float("-inf"))
-        return Plan(keep=top_per_head(rank, counts))
-
-
-def top_per_head(rank: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """bool [B, H, L]: the counts[b, h] highest entries of rank[b, h] (never a -inf one)."""
-    k_max = int(counts.max()) if counts.numel() else 0
-    out = torch.zeros(rank.shape, dtype=torch.bool, device=rank.device)
-    if k_max == 0:
-        return out
-    top = rank.topk(min(k_max, rank.shape[-1]), dim=-1)
-    take = (torch.arange(top.indices.shape[-1], device=rank.device) < counts[..., None]) & (top.values > float("-inf"))
-    return out.scatter_(-1, top.indices, take)
+        return Plan(keep=top_per_head(rank, counts, allowed=layer.valid[:, None, :]))
 
 
 def apportion(total: torch.Tensor, weights: torch.Tensor, floor: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:

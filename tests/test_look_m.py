@@ -238,3 +238,49 @@ def test_nearest_kept_over_many_kept_keys_matches_float64_search(chunk_elements,
             got = kept_index[b, h, match[b, h, -n_evicted:]]
             assert torch.equal(got, kept[sim.argmax(-1)])
             assert torch.allclose(similarity[b, h, -n_evicted:].double(), sim.amax(-1), atol=1e-5)
+
+
+# ---------------------------------------------------------------- ranked by the observation window
+
+
+@pytest.mark.parametrize("score", ["sum", "mean"])
+def test_window_ranking_scores_match_loop_reference(score):
+    from test_sparsemm import _layer, loop_window_votes
+
+    window = 5
+    s = kvpress_mm.get_strategy("look_m", budget=0.4, ranking="window", window_size=window, score=score)
+    assert s.needs().window == window and not s.needs().accumulated
+    layer = _layer(2, 2, 2, 26, torch.tensor([10, 8]), pads=(0, 6), window=window)
+    got = s.scores(layer)
+    for b in range(2):
+        real = [j for j in range(26) if layer.valid[b, j]]
+        for h in range(2):
+            votes = loop_window_votes(layer, b, h, window, 1)
+            for rank, j in enumerate(real):
+                seen_by = min(len(real) - rank, window) if score == "mean" else 1
+                assert math.isclose(float(got[b, h, j]), votes[j] / seen_by, rel_tol=1e-5, abs_tol=1e-7)
+
+
+def test_accumulated_ranking_stays_the_default():
+    s = kvpress_mm.get_strategy("look_m")
+    assert (s.ranking, s.needs()) == ("accumulated", kvpress_mm.AttentionNeeds(accumulated=True))
+    with pytest.warns(UserWarning, match="window_size=8 is ignored"):
+        kvpress_mm.get_strategy("look_m", window_size=8)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+def test_window_ranking_in_generate(family):
+    """Selection only (merge="none"): equal to the masked full cache; with merging: runs, finite."""
+    from helpers import generate, masked_reference_generate, rows_for, tiny
+
+    t = tiny(family)
+    inputs = t.make_inputs(rows_for(t))
+    s = kvpress_mm.get_strategy("look_m", budget=0.3, ranking="window", window_size=6, merge="none")
+    with s(t.model) as press:
+        tokens, logits = generate(t.model, inputs, steps=4)
+    kept = dict(press.kept)
+    _, ref_logits = masked_reference_generate(t.model, inputs, kept, steps=4)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
+    with kvpress_mm.get_strategy("look_m", budget=0.3, ranking="window", window_size=6)(t.model) as press:
+        _, merged = generate(t.model, inputs, steps=4)
+    assert press.compressed_any and torch.isfinite(merged).all()

@@ -66,6 +66,13 @@ SPECS = {
     "compensation": ("choice", dict(choices=("sequential", "proportional"))),
     "spans": ("choice", dict(choices=("none", "chunks"))),
     "span_size": ("int", dict(low=1)),
+    "profile": ("choice", dict(choices=("auto",))),  # or a head profile file; any other string is refused
+    "allocation": ("choice", dict(choices=("model", "layer"))),
+    "base": ("choice", dict(choices=("snapkv", "adakv", "sparsemm", "h2o", "pyramidkv"))),
+    "base_fields": ("mapping", {}),
+    "intrinsic": ("bool", {}),
+    "weighting": ("choice", dict(choices=("redundancy", "equal"))),
+    "ranking": ("choice", dict(choices=("accumulated", "window"))),
 }
 
 FIELDS = [(name, f.name) for name in list_strategies() for f in dataclasses.fields(strategy_class(name)[0])]
