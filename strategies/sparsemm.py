@@ -105,7 +105,8 @@ class SparseMM(SnapKV):
         """long [num_layers, batch]: tokens per kv head, on average, each layer keeps (allocation="model")."""
         profile, sliding = self._profile(num_layers)
         n_valid = n_valid.cpu()
-        key = (tuple(n_valid.tolist()), num_layers, id(profile), sliding, self.budget, self.budget_tokens)
+        fields = (self.budget, self.budget_tokens, self.window_size, self.uniform_share)
+        key = (tuple(n_valid.tolist()), num_layers, id(profile), sliding, fields)
         cached = self.__dict__.get("_layer_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
