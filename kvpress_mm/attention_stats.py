@@ -97,6 +97,26 @@ def attention_with_accumulated(
     Returns None where it does not apply (not CPU, or S != L); callers then run the model's own
     attention and `accumulated_attention`.
     """
+    result = attention_with_statistics(query, key, value, scale, key_valid)
+    return None if result is None else result[:2]
+
+
+def attention_with_statistics(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    key_valid: torch.Tensor | None = None,
+    query_set: torch.Tensor | None = None,
+    sparsity: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """`attention_with_accumulated` with the sums over a query set and VL-Cache's sparsity in the same pass.
+
+    query_set: bool [B, L] queries the sums and the sparsity cover (None: every real query); the output is
+    every query's. sparsity > 0: also [B, H], the share of the set's visible (query, key) entries below
+    sparsity x the query's largest probability (that largest probability is the column's normaliser, since
+    the shifted maximum exponentiates to 1). Returns (output, sums, sparsity or None), or None (not CPU, S != L).
+    """
     if query.device.type != "cpu" or key.shape[2] != query.shape[2]:
         return None
     b, h, length, d = query.shape
@@ -107,6 +127,19 @@ def attention_with_accumulated(
     k, v = key.float(), value.float()
     out = torch.empty((b, kv_heads, groups, length, v.shape[-1]), dtype=torch.float32, device=query.device)
     total = torch.zeros((b, kv_heads, length, groups), dtype=torch.float32, device=query.device)
+    weight = None
+    if query_set is not None:
+        weight = (query_set if key_valid is None else query_set & key_valid).float()
+    if sparsity > 0:
+        # keys a query at position p sees: the real ones up to p
+        visible = (
+            torch.arange(1, length + 1, device=query.device).expand(b, length)
+            if key_valid is None
+            else key_valid.long().cumsum(-1)
+        ).float()
+        counted = weight if weight is not None else (None if key_valid is None else key_valid.float())
+        below = torch.zeros((b, kv_heads, groups), dtype=torch.float32, device=query.device)
+        seen = torch.zeros((b,), dtype=torch.float32, device=query.device)
     chunk = _ONE_PASS_QUERIES
     tri = None
     for i0 in range(0, length, chunk):
@@ -120,7 +153,7 @@ def attention_with_accumulated(
         scores.view(b, kv_heads, i1, groups, c)[:, :, i1 - c :].masked_fill_(tri, float("-inf"))
         if key_valid is None:
             scores.sub_(scores.amax(dim=2, keepdim=True)).exp2_()
-            scores.mul_(scores.sum(dim=2, keepdim=True).reciprocal_())
+            norm = scores.sum(dim=2, keepdim=True).reciprocal_()
         else:
             scores.masked_fill_(~key_valid[:, None, :i1, None], float("-inf"))
             top = scores.amax(dim=2, keepdim=True)
@@ -128,10 +161,24 @@ def attention_with_accumulated(
             scores.sub_(top).exp2_()
             norm = scores.sum(dim=2, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny).reciprocal_()
             norm.view(b, kv_heads, 1, groups, c).mul_(key_valid[:, None, None, None, i0:i1])
-            scores.mul_(norm)
-        total[:, :, :i1] += scores.view(b, kv_heads, i1, groups, c).sum(dim=-1)
+        scores.mul_(norm)
+        if weight is None:
+            total[:, :, :i1] += scores.view(b, kv_heads, i1, groups, c).sum(dim=-1)
+        else:
+            summed = torch.matmul(scores.view(b, kv_heads, i1 * groups, c), weight[:, None, i0:i1, None])
+            total[:, :, :i1] += summed.view(b, kv_heads, i1, groups)
+        if sparsity > 0:
+            # entries below the threshold, hidden ones (probability 0) taken back out: i1 - visible per query
+            low = (scores < norm * sparsity).sum(dim=2).view(b, kv_heads, groups, c).float()
+            low -= (i1 - visible[:, i0:i1])[:, None, None, :]
+            rows = visible[:, i0:i1] if counted is None else visible[:, i0:i1] * counted[:, i0:i1]
+            below += low.mul_(1.0 if counted is None else counted[:, None, None, i0:i1]).sum(-1)
+            seen += rows.sum(-1)
         out[:, :, :, i0:i1] = torch.matmul(scores.transpose(-1, -2), v[:, :, :i1]).view(b, kv_heads, groups, c, -1)
-    return out.view(b, h, length, -1).to(query.dtype), total.permute(0, 1, 3, 2).reshape(b, h, length)
+    share = None
+    if sparsity > 0:
+        share = (below / seen.clamp(min=1)[:, None, None]).reshape(b, h)
+    return out.view(b, h, length, -1).to(query.dtype), total.permute(0, 1, 3, 2).reshape(b, h, length), share
 
 
 def accumulated_attention(

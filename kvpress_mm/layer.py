@@ -13,6 +13,8 @@ from .modality import Modality
 QUERY_SETS = ("last", "post_vision", "text", "elite")
 # groups of the cross-modal tables (CrossModal): a query's or key's modality, vision = image or video
 CROSS_GROUPS = ("text", "vision", "any")
+# which cross-modal tables the statistics compute (AttentionNeeds.cross_modal)
+CROSS_MODAL = ("none", "between", "all")
 # the key modalities of mass_by_modality's last dimension
 KEY_MODALITIES = (Modality.TEXT, Modality.IMAGE, Modality.VIDEO)
 
@@ -36,7 +38,9 @@ class AttentionNeeds:
     sparsity: > 0 asks for LayerKV.sparsity, the share of (query, visible key) entries of the set's queries
         whose probability is below sparsity x that query's largest one (VL-Cache's ThresholdFilter, p = 1%).
     cross_modal: asks for LayerKV.cross_modal, per-head tables of attention mass and entropy between the
-        modalities of the set's queries and of the keys (MEDA's cross-modal entropy, MadaKV's preferences).
+        modalities of the set's queries and of the keys (MEDA's cross-modal entropy): "all"; "between" when the
+        strategy reads only the text <-> vision entries: a layer whose keys are all of one modality has those at
+        zero, so its pass is skipped (every entry zero) and the fused path can serve the sums; "none" (default).
     elite_threshold: the relevancy threshold alpha of queries="elite".
 
     accumulated, sparsity and cross_modal reduce over the same queries: the set ("last": every real query).
@@ -46,7 +50,7 @@ class AttentionNeeds:
     accumulated: bool = False
     queries: str = "last"
     sparsity: float = 0.0
-    cross_modal: bool = False
+    cross_modal: str = "none"
     elite_threshold: float = 0.9
 
     def __post_init__(self):
@@ -58,6 +62,8 @@ class AttentionNeeds:
             raise ValueError(f"sparsity must be a threshold in [0, 1], got {self.sparsity}")
         if not 0.0 <= self.elite_threshold <= 1.0:
             raise ValueError(f"elite_threshold must be in [0, 1], got {self.elite_threshold}")
+        if self.cross_modal not in CROSS_MODAL:
+            raise ValueError(f"cross_modal must be one of {', '.join(CROSS_MODAL)}; got {self.cross_modal!r}")
         if self.queries == "elite" and self.window == 0:
             raise ValueError('queries="elite" selects window queries: give window >= 1 (the most kept)')
 
@@ -68,12 +74,17 @@ class AttentionNeeds:
     @property
     def reduces(self) -> bool:
         """Whether a pass over the set's queries is needed (sums, sparsity or cross-modal tables)."""
-        return self.accumulated or self.sparsity > 0 or self.cross_modal
+        return self.accumulated or self.sparsity > 0 or self.tables
+
+    @property
+    def tables(self) -> bool:
+        """Whether cross-modal tables were asked for."""
+        return self.cross_modal != "none"
 
     @property
     def key_modality(self) -> bool:
         """Whether the statistics need the modality of every key (the compressed past's too)."""
-        return self.cross_modal or self.queries == "elite"
+        return self.tables or self.queries == "elite"
 
 
 @dataclass

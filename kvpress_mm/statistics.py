@@ -24,7 +24,7 @@ from .attention_stats import (
     StatisticsReducer,
     accumulated_attention,
     allowed_from_mask,
-    attention_with_accumulated,
+    attention_with_statistics,
     causal_with_key_padding,
     elite_positions,
     gather_window_attention,
@@ -33,7 +33,7 @@ from .attention_stats import (
     query_statistics,
     window_attention,
 )
-from .layer import AttentionNeeds, CrossModal
+from .layer import CROSS_GROUPS, AttentionNeeds, CrossModal
 from .modality import Modality
 
 # attention kwargs that do not change what plain causal attention computes
@@ -77,6 +77,12 @@ def modality_groups(labels: torch.Tensor, members: torch.Tensor | None = None) -
     return torch.stack([text & real, vision & real, real], dim=-1).float()
 
 
+def _zero_tables(batch: int, heads: int, device) -> CrossModal:
+    n = len(CROSS_GROUPS)
+    zeros = torch.zeros((batch, heads, n, n), dtype=torch.float32, device=device)
+    return CrossModal(zeros, zeros.clone(), torch.zeros((batch, n, n), dtype=torch.float32, device=device))
+
+
 class Statistics:
     """Computes one prompt's statistics layer by layer; mask checks and query sets are cached for the prompt
     (the layers of one forward share their mask tensor and their prompt)."""
@@ -110,19 +116,25 @@ class Statistics:
             output, probs = base(module, query, key, value, attention_mask, **kwargs)
             stats = self._from_probs(probs, query_valid, members, positions, allowed, modality, key_modality)
             return (output, probs), stats
+        tables = self._tables_needed(key_modality, first_prompt)
         fused = None
         plain = all(k in _PLAIN_KWARGS or v is None for k, v in kwargs.items()) and not kwargs.get("dropout")
-        every_query_sums = needs.accumulated and needs.queries == "last" and not (needs.sparsity or needs.cross_modal)
-        if every_query_sums and plain and first_prompt and kwargs.get("is_causal", True):
-            if attention_mask is None and query_valid is None:
-                fused = attention_with_accumulated(query, key, value, scale)
+        one_pass = needs.reduces and not tables and needs.queries != "elite"
+        if one_pass and plain and first_prompt and kwargs.get("is_causal", True):
+            # a set whose first query is late is cheaper as its own rows (the chunked pass from there)
+            query_set = members if members is None or lo < query.shape[2] // 2 else False
+            if query_set is False:
+                pass
+            elif attention_mask is None and query_valid is None:
+                fused = attention_with_statistics(query, key, value, scale, None, query_set, needs.sparsity)
             elif (
                 query_valid is not None and query.device.type == "cpu" and self._is_padding_mask(attention_mask, valid)
             ):
-                fused = attention_with_accumulated(query, key, value, scale, key_valid=valid)
+                fused = attention_with_statistics(query, key, value, scale, valid, query_set, needs.sparsity)
         stats = LayerStats()
         if fused is not None:
-            out, stats.accumulated = fused
+            out, sums, stats.sparsity = fused
+            stats.accumulated = sums if needs.accumulated else None
             result = (out.transpose(1, 2).contiguous(), None)
         else:
             result = base(module, query, key, value, attention_mask, **kwargs)
@@ -133,10 +145,32 @@ class Statistics:
             else:
                 stats.window = gather_window_attention(query, key, scale, positions, allowed)
                 stats.window_positions = positions
+        if needs.tables and not tables:
+            stats.cross_modal = _zero_tables(query.shape[0], query.shape[1], query.device)
         if needs.reduces and fused is None:
-            rows = members if members is not None else query_valid
-            self._reduce(stats, query, key, scale, attention_mask, allowed, rows, lo, modality, key_modality)
+            if needs.queries == "elite":
+                self._reduce_window(stats, key.shape[2], allowed, modality, key_modality, tables)
+            else:
+                rows = members if members is not None else query_valid
+                self._reduce(
+                    stats, query, key, scale, attention_mask, allowed, rows, lo, modality, key_modality, tables
+                )
         return result, stats
+
+    def _tables_needed(self, key_modality, first_prompt: bool) -> bool:
+        """Whether this layer's cross-modal tables must be computed: "between" tables are all zero when every
+        real key is of one modality (text only, or vision only); read once per prompt, per layer on a later one."""
+        needs = self.needs
+        if not needs.tables or needs.cross_modal == "all":
+            return needs.tables
+        cache_key = ("tables", key_modality.device) if first_prompt else None
+        if cache_key in self._sets:
+            return self._sets[cache_key]
+        groups = modality_groups(key_modality)
+        both = bool((groups[..., 0].any(-1) & groups[..., 1].any(-1)).any())
+        if cache_key is not None:
+            self._sets[cache_key] = both
+        return both
 
     # ------------------------------------------------------------------ query sets
     def _query_set(self, query, key, scale, modality, valid, key_modality, allowed):
@@ -178,7 +212,7 @@ class Statistics:
         return torch.where(valid[:, length - w :], positions, -1)
 
     # ------------------------------------------------------------------ reductions over the set
-    def _reduce(self, stats, query, key, scale, attention_mask, allowed, rows, lo, modality, key_modality):
+    def _reduce(self, stats, query, key, scale, attention_mask, allowed, rows, lo, modality, key_modality, tables):
         """Sums / sparsity / cross-modal tables over the queries `rows` (bool [B, L], None: all), from row lo."""
         needs = self.needs
         first_prompt = key.shape[2] == query.shape[2]
@@ -189,16 +223,46 @@ class Statistics:
             allowed = None if allowed is None else allowed[:, :, lo:]
             rows = rows[:, lo:]
             modality = modality[:, lo:]
-        if not (needs.sparsity or needs.cross_modal):
-            stats.accumulated = accumulated_attention(query, key, scale, allowed, rows, within_causal)
+        if not (needs.sparsity or tables):
+            if needs.accumulated:
+                stats.accumulated = accumulated_attention(query, key, scale, allowed, rows, within_causal)
             return
         key_groups = query_groups = None
-        if needs.cross_modal:
+        if tables:
             key_groups = modality_groups(key_modality)
             query_groups = modality_groups(modality, rows)
         result = query_statistics(
             query, key, scale, allowed, rows, within_causal, needs.accumulated, needs.sparsity, key_groups, query_groups
         )
+        stats.accumulated, stats.sparsity = result.accumulated, result.sparsity
+        if result.cross_modal is not None:
+            stats.cross_modal = CrossModal(*result.cross_modal)
+
+    def _reduce_window(self, stats, s_len, allowed, modality, key_modality, tables):
+        """The reductions over an elite set from its window rows (the window holds the whole set)."""
+        needs = self.needs
+        probs, positions = stats.window, stats.window_positions
+        rows = positions >= 0
+        if not (needs.sparsity or tables):
+            stats.accumulated = probs.sum(2) if needs.accumulated else None
+            return
+        b, h, n, _ = probs.shape
+        at = positions.clamp(min=0)
+        if allowed is not None:
+            visible = torch.gather(allowed, 2, at[:, None, :, None].expand(b, allowed.shape[1], n, s_len))
+        else:
+            length = modality.shape[1]
+            visible = torch.arange(s_len, device=probs.device)[None, None, :] <= (s_len - length + at)[:, :, None]
+            visible = visible[:, None]
+        key_groups = query_groups = None
+        if tables:
+            key_groups = modality_groups(key_modality)
+            query_groups = modality_groups(torch.gather(modality, 1, at), rows)
+        reducer = StatisticsReducer(
+            b, h, s_len, probs.device, needs.accumulated, needs.sparsity, key_groups, query_groups
+        )
+        reducer.add(probs, 0, visible, rows)
+        result = reducer.result()
         stats.accumulated, stats.sparsity = result.accumulated, result.sparsity
         if result.cross_modal is not None:
             stats.cross_modal = CrossModal(*result.cross_modal)
@@ -219,11 +283,14 @@ class Statistics:
                 at = positions.clamp(min=0)[:, None, :, None].expand(b, h, positions.shape[1], s_len)
                 stats.window = torch.gather(probs, 2, at) * (positions >= 0)[:, None, :, None]
                 stats.window_positions = positions
+        tables = self._tables_needed(key_modality, probs.shape[2] == probs.shape[3])
+        if needs.tables and not tables:
+            stats.cross_modal = _zero_tables(probs.shape[0], probs.shape[1], probs.device)
         if not needs.reduces:
             return stats
         summed = probs if rows is None else probs * rows[:, None, :, None]
-        if not (needs.sparsity or needs.cross_modal):
-            stats.accumulated = summed.sum(2)
+        if not (needs.sparsity or tables):
+            stats.accumulated = summed.sum(2) if needs.accumulated else None
             return stats
         b, h, length, s_len = probs.shape
         if allowed is None:
@@ -232,7 +299,7 @@ class Statistics:
         else:
             visible = allowed
         key_groups = query_groups = None
-        if needs.cross_modal:
+        if tables:
             key_groups = modality_groups(key_modality)
             query_groups = modality_groups(modality, rows)
         reducer = StatisticsReducer(

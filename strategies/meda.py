@@ -51,7 +51,7 @@ class MEDA(SpanSelection, LookM):
         self._check_spans()
 
     def needs(self) -> AttentionNeeds:
-        return AttentionNeeds(accumulated=True, cross_modal=True)
+        return AttentionNeeds(accumulated=True, cross_modal="all" if self.entropy == "all" else "between")
 
     def layer_summary(self, layer: LayerKV) -> torch.Tensor:
         """[batch] the layer's entropy E_cm (0 without the cross-modal tables)."""

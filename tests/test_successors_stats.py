@@ -72,6 +72,9 @@ def _sdpa(module, query, key, value, attention_mask, **kwargs):
 
 
 def _eager(module, query, key, value, attention_mask, **kwargs):
+    if attention_mask is None:
+        length, s_len = query.shape[2], key.shape[2]
+        attention_mask = torch.ones(length, s_len, dtype=torch.bool).tril(s_len - length)[None, None]
     out, _ = _sdpa(module, query, key, value, attention_mask)
     return out, _probs(query, key, attention_mask).float()
 
@@ -163,22 +166,15 @@ def test_query_set_window_and_sums_equal_python(past, masked, eager, queries):
         torch.testing.assert_close(out.accumulated[r].double(), summed, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("past,masked", CASES)
-@pytest.mark.parametrize("eager", [False, True])
-@pytest.mark.parametrize("queries", ["last", "post_vision"])
-def test_sparsity_and_cross_modal_equal_python(past, masked, eager, queries):
-    q, k, v, labels, key_labels, allowed = _case(past, seed=3, masked=masked)
-    needs = AttentionNeeds(accumulated=True, queries=queries, sparsity=0.2, cross_modal=True)
-    out = _run(needs, q, k, v, labels, key_labels, allowed, eager)
-    probs = _probs(q, k, allowed)
-    members = _members(labels, queries)
-    b, h = probs.shape[:2]
+def _group(label, name):
+    return label != PAD and (name == "any" or (name == "text") == (label == TXT))
 
-    def group(label, name):
-        return label != PAD and (name == "any" or (name == "text") == (label == TXT))
 
+def _python_tables(probs, allowed, labels, key_labels, members, threshold):
+    """Per (row, head): (sparsity, mass [3, 3], entropy [3, 3], counted [3, 3]) over the member queries."""
+    out = {}
     for r, rows in enumerate(members):
-        for head in range(h):
+        for head in range(probs.shape[1]):
             below = seen = 0
             mass = torch.zeros(3, 3, dtype=torch.float64)
             entropy = torch.zeros(3, 3, dtype=torch.float64)
@@ -187,13 +183,13 @@ def test_sparsity_and_cross_modal_equal_python(past, masked, eager, queries):
                 p = probs[r, head, j]
                 visible = allowed[r, 0, j]
                 top = float(p.max())
-                below += int(((p < 0.2 * top) & visible).sum())
+                below += int(((p < threshold * top) & visible).sum())
                 seen += int(visible.sum())
                 for qi, qname in enumerate(CROSS_GROUPS):
-                    if not group(int(labels[r, j]), qname):
+                    if not _group(int(labels[r, j]), qname):
                         continue
                     for ki, kname in enumerate(CROSS_GROUPS):
-                        keys = [s for s in range(p.shape[0]) if group(int(key_labels[r, s]), kname)]
+                        keys = [s for s in range(p.shape[0]) if _group(int(key_labels[r, s]), kname)]
                         m = float(sum(p[s] for s in keys))
                         mass[qi, ki] += m
                         if m > 0:
@@ -201,10 +197,78 @@ def test_sparsity_and_cross_modal_equal_python(past, masked, eager, queries):
                                 float(p[s]) / m * math.log(float(p[s]) / m) for s in keys if p[s] > 0
                             )
                             counted[qi, ki] += 1
-            assert out.sparsity[r, head].item() == pytest.approx(below / seen, abs=1e-6)
+            out[r, head] = (below / seen if seen else 0.0, mass, entropy, counted)
+    return out
+
+
+def _check_tables(out, expected, sparsity=True, tables=True):
+    for (r, head), (share, mass, entropy, counted) in expected.items():
+        if sparsity:
+            assert out.sparsity[r, head].item() == pytest.approx(share, abs=1e-6)
+        if tables:
             torch.testing.assert_close(out.cross_modal.mass[r, head].double(), mass, atol=1e-5, rtol=0)
             torch.testing.assert_close(out.cross_modal.entropy[r, head].double(), entropy, atol=1e-4, rtol=1e-5)
             torch.testing.assert_close(out.cross_modal.queries[r].double(), counted, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("past,masked", CASES)
+@pytest.mark.parametrize("eager", [False, True])
+@pytest.mark.parametrize("queries", ["last", "post_vision"])
+def test_sparsity_and_cross_modal_equal_python(past, masked, eager, queries):
+    q, k, v, labels, key_labels, allowed = _case(past, seed=3, masked=masked)
+    needs = AttentionNeeds(accumulated=True, queries=queries, sparsity=0.2, cross_modal="all")
+    out = _run(needs, q, k, v, labels, key_labels, allowed, eager)
+    probs = _probs(q, k, allowed)
+    _check_tables(out, _python_tables(probs, allowed, labels, key_labels, _members(labels, queries), 0.2))
+
+
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("queries", ["last", "text", "post_vision"])
+def test_sparsity_in_the_one_pass_form_equals_python(masked, queries, monkeypatch):
+    """Sparsity with the sums only: the fused CPU pass serves it (a set starting in the prompt's first half)."""
+    from kvpress_mm import statistics
+
+    used = []
+    original = statistics.attention_with_statistics
+    monkeypatch.setattr(statistics, "attention_with_statistics", lambda *a, **kw: used.append(1) or original(*a, **kw))
+    q, k, v, labels, key_labels, allowed = _case(0, seed=4, masked=masked)
+    needs = AttentionNeeds(accumulated=True, queries=queries, sparsity=0.3)
+    out = _run(needs, q, k, v, labels, key_labels, allowed, False, mask=masked)
+    probs = _probs(q, k, allowed)
+    members = _members(labels, queries)
+    _check_tables(out, _python_tables(probs, allowed, labels, key_labels, members, 0.3), tables=False)
+    for r, rows in enumerate(members):
+        summed = sum((probs[r, :, j] for j in rows), torch.zeros_like(probs[r, :, 0]))
+        torch.testing.assert_close(out.accumulated[r].double(), summed, atol=1e-5, rtol=0)
+    late = queries == "post_vision" and min(rows[0] for rows in members) >= labels.shape[1] // 2
+    assert bool(used) == (not late)
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_between_tables_are_skipped_when_the_keys_hold_one_modality(eager):
+    q, k, v, labels, key_labels, allowed = _case(0, seed=6, masked=False)
+    text_only = torch.full_like(labels, TXT)
+    needs = AttentionNeeds(accumulated=True, cross_modal="between")
+    out = _run(needs, q, k, v, text_only, text_only, allowed, eager, mask=False)
+    assert not out.cross_modal.mass.any() and not out.cross_modal.entropy.any()
+    probs = _probs(q, k, allowed)
+    torch.testing.assert_close(out.accumulated.double(), probs.sum(2), atol=1e-5, rtol=0)
+    # with both modalities present the tables are computed in full
+    out = _run(needs, q, k, v, labels, key_labels, allowed, eager, mask=False)
+    _check_tables(out, _python_tables(probs, allowed, labels, key_labels, _members(labels, "last"), 0), False)
+
+
+@pytest.mark.parametrize("past,masked", CASES)
+@pytest.mark.parametrize("eager", [False, True])
+def test_elite_reductions_equal_python(past, masked, eager):
+    q, k, v, labels, key_labels, allowed = _case(past, seed=7, masked=masked)
+    needs = AttentionNeeds(
+        window=5, accumulated=True, queries="elite", elite_threshold=0.3, sparsity=0.1, cross_modal="all"
+    )
+    out = _run(needs, q, k, v, labels, key_labels, allowed, eager)
+    members = [[j for j in row if j >= 0] for row in out.window_positions.tolist()]
+    probs = _probs(q, k, allowed)
+    _check_tables(out, _python_tables(probs, allowed, labels, key_labels, members, 0.1))
 
 
 @pytest.mark.parametrize("past,masked", CASES)
