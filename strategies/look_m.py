@@ -92,6 +92,11 @@ class LookM(EvictionStrategy):
 
     def scores(self, layer: LayerKV) -> torch.Tensor:
         if self.ranking == "window":
+            if layer.window_attention is None:  # a subclass whose needs() does not ask for the window
+                raise ValueError(
+                    f"{type(self).__name__}: ranking='window' needs window attention, which its needs() does not "
+                    "ask for; use ranking='accumulated'"
+                )
             scores = per_kv_head(layer.window_attention.sum(2), layer.groups)
         else:
             scores = per_kv_head(layer.accumulated_attention, layer.groups)
