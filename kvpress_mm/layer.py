@@ -10,7 +10,7 @@ import torch
 from .modality import Modality
 
 # which prompt queries the statistics come from (AttentionNeeds.queries)
-QUERY_SETS = ("last", "post_vision", "text", "elite")
+QUERY_SETS = ("last", "recent", "post_vision", "text", "elite")
 # groups of the cross-modal tables (CrossModal): a query's or key's modality, vision = image or video
 CROSS_GROUPS = ("text", "vision", "any")
 # which cross-modal tables the statistics compute (AttentionNeeds.cross_modal)
@@ -27,6 +27,8 @@ class AttentionNeeds:
     accumulated: per-key sum of probabilities over every query of the set (H2O, LOOK-M).
     queries: the query set (a row's real queries only, never padding):
         "last"         window: the last `window` prompt positions (as always); sums: every real query
+        "recent"       the last `window` prompt positions (the real ones) as the set: sums, sparsity and tables
+                       over them (SnapKV-style votes, MadaKV's proxy tokens); no window rows are returned
         "post_vision"  the real text queries after each row's last image / video token (VL-Cache);
                        a row without vision tokens: all its real text queries
         "text"         every real text query
@@ -64,12 +66,17 @@ class AttentionNeeds:
             raise ValueError(f"elite_threshold must be in [0, 1], got {self.elite_threshold}")
         if self.cross_modal not in CROSS_MODAL:
             raise ValueError(f"cross_modal must be one of {', '.join(CROSS_MODAL)}; got {self.cross_modal!r}")
-        if self.queries == "elite" and self.window == 0:
-            raise ValueError('queries="elite" selects window queries: give window >= 1 (the most kept)')
+        if self.queries in ("elite", "recent") and self.window == 0:
+            raise ValueError(f'queries="{self.queries}" is sized by window: give window >= 1')
 
     @property
     def any(self) -> bool:
         return self.window > 0 or self.reduces
+
+    @property
+    def rows(self) -> bool:
+        """Whether window probabilities are returned (not for the "recent" set, which only sizes by window)."""
+        return self.window > 0 and self.queries != "recent"
 
     @property
     def reduces(self) -> bool:

@@ -302,7 +302,7 @@ class CompressionSession:
     # ------------------------------------------------------------------ cross-layer budgets
     def _defer(self, cache, idx: int, stats: LayerStats) -> None:
         """Hold layer idx until the last managed layer has run, then allocate and compact them all."""
-        self.deferred[idx] = stats
+        self.deferred[idx] = stats.trimmed()
         if idx != max(self.managed):
             return
         deferred, self.deferred = self.deferred, {}

@@ -57,6 +57,19 @@ class LayerStats:
     def __iter__(self):
         return iter((self.window, self.accumulated))
 
+    def trimmed(self) -> LayerStats:
+        """The same statistics with the window cut to its largest number of real rows (the rows are left-padded):
+        what a deferred layer holds until the prompt's end. One host read."""
+        if self.window is None or self.window_positions is None or self.window.shape[2] == 0:
+            return self
+        rows = int((self.window_positions >= 0).sum(-1).max())
+        q = self.window.shape[2]
+        if rows >= q:
+            return self
+        self.window = self.window[:, :, q - rows :].clone()
+        self.window_positions = self.window_positions[:, q - rows :].clone()
+        return self
+
     def view_fields(self) -> dict:
         """The LayerKV fields beyond window_attention / accumulated_attention."""
         return dict(
@@ -138,7 +151,7 @@ class Statistics:
             result = (out.transpose(1, 2).contiguous(), None)
         else:
             result = base(module, query, key, value, attention_mask, **kwargs)
-        if needs.window:
+        if needs.rows:
             if positions is None:
                 stats.window = window_attention(query, key, scale, needs.window, allowed, query_valid)
                 stats.window_positions = self._last_window(valid, needs.window)
@@ -179,6 +192,11 @@ class Statistics:
         needs = self.needs
         if needs.queries == "last":
             return None, 0, None
+        if needs.queries == "recent":
+            length = valid.shape[1]
+            lo = max(0, length - needs.window)
+            recent = torch.arange(length, device=valid.device)[None, :] >= lo
+            return valid & recent, lo, None
         if needs.queries == "elite":
             query_text = valid & (modality == int(Modality.TEXT))
             key_text = key_modality == int(Modality.TEXT)
@@ -273,7 +291,7 @@ class Statistics:
         probs = probs.float()
         stats = LayerStats()
         rows = members if members is not None else query_valid
-        if needs.window:
+        if needs.rows:
             if positions is None:
                 masked = probs if query_valid is None else probs * query_valid[:, None, :, None]
                 stats.window = masked[:, :, -needs.window :]

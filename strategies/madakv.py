@@ -54,11 +54,11 @@ class MadaKV(SpanSelection, EvictionStrategy):
         self._check_spans()
 
     def needs(self) -> AttentionNeeds:
-        return AttentionNeeds(window=self.window_size)
+        return AttentionNeeds(window=self.window_size, queries="recent", accumulated=True)
 
     def preferences(self, layer: LayerKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(psi [B, Hkv, S], masks bool [B, 1, S, 2] text / vision, demand [B, Hkv, 2] per head and modality)."""
-        psi = per_kv_head(layer.window_attention.sum(2), layer.groups)
+        psi = per_kv_head(layer.accumulated_attention, layer.groups)
         masks = torch.stack([layer.is_modality(Modality.TEXT), layer.is_vision], dim=-1)[:, None]  # [B, 1, S, 2]
         per_modality = torch.where(masks, psi[..., None], 0.0)  # [B, Hkv, S, 2]
         totals = per_modality.sum(2)  # w_m^h

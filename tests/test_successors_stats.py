@@ -375,3 +375,19 @@ def test_proportional_counts_hold_the_total_within_bounds(weights, caps, low, to
         exact = w / w.sum() * clipped
         if bool((exact <= high).all()):
             assert bool(((counts - exact).abs() < 1 + 1e-6).all())
+
+
+@pytest.mark.parametrize("past,masked", CASES)
+@pytest.mark.parametrize("eager", [False, True])
+def test_recent_set_sums_the_last_window_positions(past, masked, eager):
+    q, k, v, labels, key_labels, allowed = _case(past, seed=8, masked=masked)
+    out = _run(
+        AttentionNeeds(window=5, accumulated=True, queries="recent"), q, k, v, labels, key_labels, allowed, eager
+    )
+    assert out.window is None
+    probs = _probs(q, k, allowed)
+    length = labels.shape[1]
+    for r in range(2):
+        rows = [j for j in range(length - 5, length) if labels[r, j] != PAD]
+        summed = sum((probs[r, :, j] for j in rows), torch.zeros_like(probs[r, :, 0]))
+        torch.testing.assert_close(out.accumulated[r].double(), summed, atol=1e-5, rtol=0)
