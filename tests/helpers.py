@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import tempfile
+from pathlib import Path
 
 import torch
 from transformers import AttentionInterface
@@ -78,6 +81,26 @@ def masked_reference_generate(model, inputs, kept: dict[int, torch.Tensor], step
     finally:
         set_decoder_attention(model, decoder, original)
         _REF_KEEP.clear()
+
+
+# ---------------------------------------------------------------- head profiles (sparsemm needs one)
+PROFILE_DIR = Path(tempfile.mkdtemp(prefix="kvpress-mm-test-profiles-"))
+
+
+def profile_fields(name: str, identity) -> dict:
+    """{"profile": path} of a random head profile for `identity` when strategy `name` reads one, else {}."""
+    from kvpress_mm.head_profiles import HeadProfile
+    from kvpress_mm.registry import strategy_class
+
+    if "profile" not in {f.name for f in dataclasses.fields(strategy_class(name)[0])}:
+        return {}
+    m = identity
+    path = PROFILE_DIR / f"{m.model_type}-{m.num_layers}-{m.num_kv_heads}-{m.num_query_heads}.json"
+    if not path.exists():
+        gen = torch.Generator().manual_seed(0)
+        scores = torch.rand(m.num_layers, m.num_query_heads, generator=gen, dtype=torch.float64) ** 4
+        HeadProfile(identity, scores).save(path)
+    return {"profile": str(path)}
 
 
 def parameters_snapshot(model):

@@ -2,12 +2,14 @@
 
 import pytest
 import torch
+from helpers import profile_fields
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvpress_mm
 from kvpress_mm.attention_stats import accumulated_attention, window_attention
 from kvpress_mm.cache_ops import compact_index, gather_positions
+from kvpress_mm.head_profiles import ModelIdentity
 from kvpress_mm.layer import LayerKV
 from kvpress_mm.modality import Modality
 
@@ -70,7 +72,10 @@ def make_layer(case, strategy) -> LayerKV:
 @given(case=layer_cases())
 def test_plan_invariants(name, case):
     budget, budget_tokens = case[8], case[9]
-    strategy = kvpress_mm.get_strategy(name, budget=budget, budget_tokens=budget_tokens)
+    identity = ModelIdentity("llava", 4, case[1], case[1] * case[2])
+    strategy = kvpress_mm.get_strategy(
+        name, budget=budget, budget_tokens=budget_tokens, **profile_fields(name, identity)
+    )
     layer = make_layer(case, strategy)
     plan = strategy.plan(layer)
     keep = plan.keep.expand(layer.batch, layer.kv_heads, layer.length)

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from helpers import generate, masked_reference_generate, rows_for, tiny
+from helpers import generate, masked_reference_generate, profile_fields, rows_for, tiny
 
 import kvpress_mm
+from kvpress_mm.head_profiles import ModelIdentity
 from kvpress_mm.testing import TINY_FAMILIES
 
 NON_MERGING = [
@@ -86,7 +87,8 @@ def test_every_strategy_runs_in_generate(family):
     t = tiny(family)
     inputs = t.make_inputs(rows_for(t))
     for name in kvpress_mm.list_strategies():
-        with kvpress_mm.get_strategy(name, budget=0.3)(t.model) as press:
+        fields = profile_fields(name, ModelIdentity.of(t.model))
+        with kvpress_mm.get_strategy(name, budget=0.3, **fields)(t.model) as press:
             tokens, logits = generate(t.model, inputs, steps=3)
         assert torch.isfinite(logits).all(), name
         assert tokens.shape[1] == inputs["input_ids"].shape[1] + 3
