@@ -194,3 +194,12 @@ def test_target_shortcut_goes_after_the_flags():
     argv, target = select_target_option(["-m", "strategy._target_=pkg.Cls", "strategy.budget=0.1,0.2"])
     assert argv == ["-m", "strategy=target", "strategy._target_=pkg.Cls", "strategy.budget=0.1,0.2"]
     assert target == "pkg.Cls"
+
+
+# ------------------------------------------------------------------------------- strategy vs model
+
+
+def test_a_strategy_the_model_cannot_run_is_one_line(capsys):
+    """sparsemm on a model without a head profile: refused after the model loads, before any sample runs."""
+    line = one_error_line([*TINY, "strategy=sparsemm"], capsys, "strategy")
+    assert "no head profile for this model" in line and "kvpress-mm profile-heads" in line

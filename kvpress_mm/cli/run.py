@@ -79,6 +79,11 @@ def _run_eval(cfg: DictConfig) -> dict:
     except (ValueError, TypeError) as err:
         raise ConfigError("model", str(err)) from None
     loaded = time.perf_counter()
+    try:  # what a strategy checks against the model (its family, a head profile) fails here in one line
+        with strategy(bundle.model):
+            pass
+    except ValueError as err:
+        raise ConfigError("strategy", str(err)) from None
     try:
         result, interrupted = (
             evaluate(
