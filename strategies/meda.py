@@ -51,7 +51,12 @@ class MEDA(SpanSelection, LookM):
         self._check_spans()
 
     def needs(self) -> AttentionNeeds:
-        return AttentionNeeds(accumulated=True, cross_modal="all" if self.entropy == "all" else "between")
+        window = self.ranking == "window"  # LOOK-M's ranking by the observation window instead of every query
+        return AttentionNeeds(
+            window=self.window_size if window else 0,
+            accumulated=not window,
+            cross_modal="all" if self.entropy == "all" else "between",
+        )
 
     def layer_summary(self, layer: LayerKV) -> torch.Tensor:
         """[batch] the layer's entropy E_cm (0 without the cross-modal tables)."""

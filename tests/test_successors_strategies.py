@@ -225,11 +225,14 @@ def _restricted_entropy(dist):
     return -sum(x / mass * math.log(x / mass) for x in dist if x > 0)
 
 
-@pytest.mark.parametrize("entropy", ["cross_modal", "all"])
-def test_meda_equals_python(llava, entropy):
+@pytest.mark.parametrize(
+    "entropy,ranking", [("cross_modal", "accumulated"), ("all", "accumulated"), ("cross_modal", "window")]
+)
+def test_meda_equals_python(llava, entropy, ranking):
     t, inputs, probs, keys, values, labels = llava
     budget = 0.3
-    press, cache = _run(t, inputs, "meda", budget=budget, entropy=entropy)
+    window = {"ranking": "window", "window_size": 8} if ranking == "window" else {}
+    press, cache = _run(t, inputs, "meda", budget=budget, entropy=entropy, **window)
     heads, groups = probs[0].shape[1], probs[0].shape[1] // 2
     valid = inputs["attention_mask"].bool()
     for row in range(2):
@@ -258,8 +261,9 @@ def test_meda_equals_python(llava, entropy):
             keep = counts[layer]
             recent = set(real[len(real) - int(math.floor(keep * 0.5 + 1e-12)) :]) if keep >= 2 else set()
             for kv in range(2):
+                voters = real if ranking == "accumulated" else real[-8:]
                 score = {
-                    j: _group_mean([sum(float(p[row, h, i, j]) for i in real) for h in range(heads)], kv, groups)
+                    j: _group_mean([sum(float(p[row, h, i, j]) for i in voters) for h in range(heads)], kv, groups)
                     for j in real
                 }
                 ranked = sorted((j for j in real if j not in recent), key=lambda j: (j not in text, -score[j]))
