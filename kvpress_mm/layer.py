@@ -131,6 +131,9 @@ class LayerKV:
     sparsity: [batch, heads] float32 or None (AttentionNeeds.sparsity).
     cross_modal: CrossModal or None.
     token_ids: [batch, seq] long input ids of the prompt, or None (a prompt given as embeddings).
+    replay_attention: [batch, heads, seq] float32 or None: for a strategy that declares a replay
+        (`replay_rounds`, see kvpress_mm/replay.py), the largest probability each key received from the replay's
+        queries, per query head.
     On a later prompt (compress="every_prompt") seq is the new tokens; the statistics' softmax saw the past.
     """
 
@@ -147,6 +150,7 @@ class LayerKV:
     sparsity: torch.Tensor | None = None
     cross_modal: CrossModal | None = None
     token_ids: torch.Tensor | None = None
+    replay_attention: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.window_positions is None and self.window_attention is not None:

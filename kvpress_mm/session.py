@@ -16,6 +16,11 @@ layer's statistics (`layer_summary(layer)` per layer, then `allocate(summaries, 
 must keep in all what the uniform budget rule would). Its layers are compacted only once the last managed
 layer of the prompt has run: until then each layer's cache and statistics are held (memory: the statistics
 of all layers, [B, H, S] sums / [B, H, Q, S] windows each, live until the prompt's end).
+
+Replays: a strategy with a method `replay_rounds` (kvpress_mm/replay.py) has a cache's first prompt compacted
+only after that prompt's forward: the model's post-forward hook runs the strategy's replay rounds through the
+text decoder on the uncompressed cache (the hooks see them as a replay: statistics, no compaction), restores
+the cache, then compacts every layer with the replay's statistics. Later prompts are appended as they are.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from .compressed_cache import CompressedCache, CompressedLayer, as_compressed, c
 from .hooks import SUPPORTED_BACKENDS, Hooks
 from .modality import modality_from_ids
 from .prompt import Prompt
+from .replay import ReplayStats, replay_attention, replay_positions, restore, snapshot
 from .report import CompressionReport, LayerReport
 from .statistics import LayerStats, Statistics
 
@@ -72,6 +78,12 @@ class CompressionSession:
         # "model": the layers' budgets are allocated together at the prompt's end (see the module docstring)
         self.model_scope = getattr(strategy, "budget_scope", "layer") == "model"
         self.deferred: dict[int, LayerStats] = {}
+        # a replay strategy (see the module docstring): the prompt forward's positions / mask, and the replay's
+        # statistics while it runs (layer -> [B, H, L] maxima), kept after it for inspection
+        self.replays = callable(getattr(strategy, "replay_rounds", None))
+        self._prompt_inputs: tuple | None = None
+        self._round = None
+        self.replay_scores: dict[int, torch.Tensor] = {}
         if self.adapter.multimodal:
             self.adapter.token_ids(model)  # fail now, not mid-generate, if the image token id is missing
         self.hooks = Hooks(model, self.decoder, self.attention_modules)
@@ -105,6 +117,8 @@ class CompressionSession:
     def __exit__(self, *exc) -> None:
         self.hooks.remove(self)
         self._end_forward()
+        self._round = None
+        self._prompt_inputs = None
         self.prompt = None
         self.pending.clear()
         self.deferred.clear()
@@ -122,6 +136,8 @@ class CompressionSession:
 
     # ------------------------------------------------------------------ per forward
     def _before_forward(self, module, args, kwargs):
+        if self._round is not None:
+            raise RuntimeError("the model was called from inside a kvpress-mm replay")
         cache = _cache_from(kwargs)
         if cache is None and kwargs.get("use_cache", getattr(self.decoder.config, "use_cache", True)) is False:
             raise ValueError(
@@ -139,7 +155,11 @@ class CompressionSession:
         new_tokens = self._input_length(args, kwargs)
         if past == 0:
             self._start_prompt(args, kwargs, mask_2d, first=True)
-        elif new_tokens > 1 and (self.compress_mode == "every_prompt" or not self._holds_layout(cache)):
+        elif (
+            new_tokens > 1
+            and not self.replays
+            and (self.compress_mode == "every_prompt" or not self._holds_layout(cache))
+        ):
             self._start_prompt(args, kwargs, None if mask_2d is None else mask_2d[:, -new_tokens:], first=False)
         else:
             self.prompt = None
@@ -149,9 +169,17 @@ class CompressionSession:
         self.decode_mask_2d = mask_2d if tail_needed and not bool(mask_2d.all()) else None
         if isinstance(cache, CompressedCache):
             cache.attended = True
+        self._prompt_inputs = None
+        if self.replays and self.prompt is not None:
+            self._prompt_inputs = (kwargs.get("position_ids"), mask_2d)
 
     def _after_forward(self, module, args, kwargs, output):
-        self._end_forward()
+        try:
+            if self._prompt_inputs is not None and self.deferred and output is not None:
+                self._replay()
+        finally:
+            self._prompt_inputs = None
+            self._end_forward()
 
     def _end_forward(self) -> None:
         if isinstance(self.cache, CompressedCache):
@@ -195,6 +223,12 @@ class CompressionSession:
         idx = module.layer_idx
         if idx not in self.managed:
             return base(module, query, key, value, attention_mask, **kwargs)
+        if self._round is not None:
+            scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            scores = replay_attention(query, key, scale, self._round)
+            previous = self.replay_scores.get(idx)
+            self.replay_scores[idx] = scores if previous is None else torch.maximum(previous, scores)
+            return base(module, query, key, value, attention_mask, **kwargs)
         prompt = self.prompt
         layer = self._layer(idx)
         compacted = self.compressed_any
@@ -235,6 +269,8 @@ class CompressionSession:
     # ------------------------------------------------------------------ compaction
     def _after_attention(self, module, args, kwargs, output):
         idx = module.layer_idx
+        if self._round is not None:
+            return
         stats = self.pending.pop(idx, None)
         cache = _cache_from(kwargs)
         if cache is None or self.prompt is None and not self.decode_every:
@@ -256,7 +292,7 @@ class CompressionSession:
         if prompt is not None and idx not in self.report.layers:
             if stats is None:
                 stats = LayerStats(token_ids=prompt.ids_on(keys.device))
-            if self.model_scope:
+            if self.model_scope or self._prompt_inputs is not None:
                 self._defer(cache, idx, stats)
             else:
                 self._compress_prompt(cache, idx, layer, stats)
@@ -303,14 +339,16 @@ class CompressionSession:
     def _defer(self, cache, idx: int, stats: LayerStats) -> None:
         """Hold layer idx until the last managed layer has run, then allocate and compact them all."""
         self.deferred[idx] = stats.trimmed()
-        if idx != max(self.managed):
-            return
+        if idx == max(self.managed) and self._prompt_inputs is None:
+            self._compress_deferred(cache)
+
+    def _compress_deferred(self, cache) -> None:
         deferred, self.deferred = self.deferred, {}
         order = sorted(deferred)
         prompt = self.prompt
         device = cache.layers[order[0]].keys.device
         uniform = prompt.keep_counts(order[0], device)
-        if any(prompt.evicts(i, cache.layers[i].keys.device) for i in order):
+        if self.model_scope and any(prompt.evicts(i, cache.layers[i].keys.device) for i in order):
             self._allocate(cache, order, deferred, uniform)
         for i in order:
             self._compress_prompt(cache, i, cache.layers[i], deferred[i])
@@ -342,6 +380,57 @@ class CompressionSession:
         if bad[1]:
             raise ValueError(f"{name}.allocate gave a layer fewer than 1 or more than its row's real tokens")
         prompt.set_keep_counts({i: counts[j].to(cache.layers[i].keys.device) for j, i in enumerate(order)})
+
+    # ------------------------------------------------------------------ replays
+    def _replay(self) -> None:
+        """Run the strategy's replay rounds on the prompt's uncompressed cache, then compact every held layer."""
+        prompt, cache = self.prompt, self.cache
+        positions, mask_2d = self._prompt_inputs
+        self._prompt_inputs = None
+        if prompt.token_ids is None:
+            raise ValueError(
+                f"{type(self.strategy).__name__} replays the prompt's tokens, but this prompt was given as "
+                "inputs_embeds without input_ids"
+            )
+        self.replay_scores = {}
+        if not any(prompt.evicts(i, cache.layers[i].keys.device) for i in self.deferred):
+            self._compress_deferred(cache)  # nothing to choose: no replay
+            return
+        rounds = self.strategy.replay_rounds(prompt.token_ids, prompt.modality, self.model)
+        saved = snapshot(cache)
+        length = cache.get_seq_length()
+        batch = prompt.token_ids.shape[0]
+        device = prompt.token_ids.device
+        mask = torch.ones((batch, length), dtype=torch.long, device=device) if mask_2d is None else mask_2d.long()
+        try:
+            with torch.no_grad():
+                for rnd in rounds:
+                    self._round = rnd
+                    ids = rnd.ids.to(device)
+                    position_ids = replay_positions(
+                        positions, mask_2d, self._rope_deltas(), length, ids.shape[1], batch, device
+                    )
+                    self.decoder(
+                        input_ids=ids,
+                        attention_mask=torch.cat([mask, rnd.valid.to(device).long()], dim=-1),
+                        position_ids=position_ids,
+                        cache=cache,
+                        use_cache=True,
+                    )
+                    restore(cache, saved)
+        finally:
+            self._round = None
+            restore(cache, saved)
+        for idx, stats in self.deferred.items():
+            scores = self.replay_scores.get(idx)
+            if scores is None:  # no round (an empty replay): every key scores 0
+                keys = cache.layers[idx].keys
+                heads = self._query_heads(idx)
+                scores = torch.zeros((batch, heads, keys.shape[2]), dtype=torch.float32, device=keys.device)
+            fields = {name: getattr(stats, name) for name in stats.__dataclass_fields__}
+            fields.pop("replay_attention", None)
+            self.deferred[idx] = ReplayStats(**fields, replay_attention=scores)
+        self._compress_deferred(cache)
 
     def _summary_view(self, idx: int, keys, values, stats: LayerStats):
         """The LayerKV layer_summary sees: the prompt's slots (a later prompt: the last L), uniform keep counts."""
