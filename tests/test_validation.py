@@ -73,6 +73,10 @@ SPECS = {
     "intrinsic": ("bool", {}),
     "weighting": ("choice", dict(choices=("redundancy", "equal"))),
     "ranking": ("choice", dict(choices=("accumulated", "window"))),
+    "head_budgets": ("choice", dict(choices=("model", "layer", "uniform"))),
+    "instruction": ("choice", dict(choices=("repeat", "none"))),
+    "chunk_size": ("int", dict(low=1)),
+    "overlap": ("int", dict(low=0)),
 }
 
 FIELDS = [(name, f.name) for name in list_strategies() for f in dataclasses.fields(strategy_class(name)[0])]
