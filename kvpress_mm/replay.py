@@ -106,8 +106,10 @@ def replay_positions(
     """Position ids of a round of `rounds` tokens appended to a prompt of `length` slots: each row continues after
     its prompt's largest real position (what a follow-up text prompt gets).
 
-    prompt_positions: the prompt forward's position_ids ([B, L], or [k, B, L] for M-RoPE), or None: then
-    the model used its cache positions 0..L-1, shifted by Qwen-VL's rope_deltas [B, 1] where the model has them.
+    prompt_positions: the prompt forward's position_ids ([B, L], or [3, B, L] M-RoPE sections, or [4, B, L] with
+    the plain text positions first, as generate gives Qwen-VL), or None: then
+    the model used its cache positions 0..L-1, or, where the model has Qwen-VL's rope_deltas [B, 1], each real
+    token's index among its row's real tokens plus the row's delta.
     Returns [B, R], or [3, B, R] (every M-RoPE section the same: text) when the model has rope_deltas.
     """
     if prompt_positions is not None:
@@ -115,12 +117,17 @@ def replay_positions(
         real = None if prompt_mask is None else prompt_mask.to(device).bool()
         if pos.dim() == 2:
             pos = pos[None]
+        elif pos.shape[0] == 4:  # Qwen-VL from generate: plain text positions first, then the M-RoPE sections
+            pos = pos[1:]
         if real is not None:
             pos = pos.masked_fill(~real[None], -1)
         base = pos.amax(dim=(0, 2)) + 1
     else:
         base = torch.full((batch,), length, dtype=torch.long, device=device)
         if rope_deltas is not None:
+            # Qwen-VL's own rule for later text: the token's index among the row's real ones + the row's delta
+            if prompt_mask is not None:
+                base = prompt_mask.to(device).long().sum(-1)
             deltas = rope_deltas.to(device).reshape(-1)
             base = base + deltas.repeat_interleave(batch // deltas.numel())
     ids = base.long()[:, None] + torch.arange(rounds, device=device)[None, :]
