@@ -30,7 +30,9 @@ def _forward_logprob(bundle, sample) -> float:
 @pytest.mark.parametrize("protocol", ["question_aware", "question_agnostic"])
 def test_full_cache_gold_logprob_equals_a_plain_forward(bundle, protocol):
     task = get_task("text_needle", n_samples=2, context_tokens=120, max_new_tokens=4)
-    result = evaluate(bundle, task, kvpress_mm.get_strategy("snapkv", budget=0.3), protocol=protocol, progress=False)
+    result = evaluate(
+        bundle, task, kvpress_mm.get_strategy("snapkv", budget=0.3), protocol=protocol, progress=False, likelihood=True
+    )
     for record, sample in zip(result.samples, task.samples()):
         assert abs(record["full_gold_logprob"] - _forward_logprob(bundle, sample)) < 1e-3
     assert result.metrics["gold_kl"] >= 0 and result.metrics["gold_logprob_drop_ci"] is not None
@@ -39,7 +41,9 @@ def test_full_cache_gold_logprob_equals_a_plain_forward(bundle, protocol):
 def test_budget_one_has_no_drop_and_no_kl(bundle):
     task = get_task("text_needle", n_samples=2, context_tokens=120, max_new_tokens=4)
     for protocol in ("question_aware", "question_agnostic"):
-        result = evaluate(bundle, task, kvpress_mm.get_strategy("h2o", budget=1.0), protocol=protocol, progress=False)
+        result = evaluate(
+            bundle, task, kvpress_mm.get_strategy("h2o", budget=1.0), protocol=protocol, progress=False, likelihood=True
+        )
         assert abs(result.metrics["gold_logprob_drop"]) < 1e-5 and result.metrics["gold_kl"] < 1e-8
 
 
@@ -53,6 +57,7 @@ def test_question_agnostic_eviction_moves_the_gold_likelihood(bundle):
         kvpress_mm.get_strategy("streaming_llm", budget=0.1),
         protocol="question_agnostic",
         progress=False,
+        likelihood=True,
     )
     assert result.metrics["gold_kl"] > 1e-4
     sample = task.samples()[0]
@@ -60,7 +65,7 @@ def test_question_agnostic_eviction_moves_the_gold_likelihood(bundle):
     assert split.questions[0].numel() > 0
 
 
-def test_likelihood_can_be_switched_off(bundle):
+def test_likelihood_is_off_by_default(bundle):
     task = get_task("text_needle", n_samples=1, context_tokens=100, max_new_tokens=2)
-    result = evaluate(bundle, task, "snapkv", likelihood=False, progress=False)
+    result = evaluate(bundle, task, "snapkv", progress=False)
     assert "gold_kl" not in result.metrics and "gold_logprob" not in result.samples[0]

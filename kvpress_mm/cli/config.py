@@ -72,8 +72,8 @@ class EvalConfig:
     # compressed alone, then each question is asked on a copy of the compressed cache
     protocol: str = "question_aware"
     # generate tasks: also teacher-force the gold answer on both caches (its log-likelihood and the KL to the
-    # full cache over its tokens); one more generate per batch and cache
-    likelihood: bool = True
+    # full cache over its tokens); one more generate per batch and cache, so off unless asked for
+    likelihood: bool = False
 
 
 @dataclass

@@ -377,7 +377,7 @@ def evaluate(
     progress: bool = True,
     device=None,
     protocol: str = "question_aware",
-    likelihood: bool = True,
+    likelihood: bool = False,
 ) -> RunResult:
     """Run every sample of `task` with `strategy` (an instance, a registered name, or None = "full") on
     `bundle`; with compare_full, also with the full cache on the same samples. See the module doc.
