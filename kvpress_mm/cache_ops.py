@@ -6,9 +6,10 @@ import torch
 
 
 def kept_order(keep: torch.Tensor) -> torch.Tensor:
-    """Positions of bool keep [B, h, L] with the kept ones last, each group in original order: [B, h, L]."""
-    length = keep.shape[-1]
-    return (keep.long() * length + torch.arange(length, device=keep.device)).argsort(dim=-1)
+    """Positions of bool keep [B, h, L] with the kept ones last, each group in original order: [B, h, L].
+
+    One kernel: a stable sort of the bools (False before True, ties in position order)."""
+    return keep.argsort(dim=-1, stable=True)
 
 
 def index_from_order(order: torch.Tensor, counts: torch.Tensor, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,8 +32,7 @@ def compact_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _flat_rows(index: torch.Tensor, b: int, heads: int, length: int) -> torch.Tensor:
     """index [B, 1|H, N] of positions in [0, length) -> [B*H*N] rows of a [B*H*length, D] view."""
-    index = index.expand(b, heads, index.shape[-1])
-    base = torch.arange(b * heads, device=index.device).view(b, heads, 1) * length
+    base = torch.arange(0, b * heads * length, length, device=index.device).view(b, heads, 1)
     return (index + base).reshape(-1)
 
 
@@ -43,6 +43,21 @@ def gather_positions(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     b, heads, length, d = states.shape
     rows = _flat_rows(index, b, heads, length)
     return states.reshape(-1, d).index_select(0, rows).view(b, heads, -1, d)
+
+
+def gather_layer(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gather_positions of keys and values [B, H, L, D] with one index [B, 1|H, K]: the rows are computed once
+    (one batch row, one index for every head: a single index_select per tensor)."""
+    b, heads, length, _ = keys.shape
+    if b == 1 and index.shape[1] == 1:
+        positions = index.reshape(-1)
+        return keys.index_select(2, positions), values.index_select(2, positions)
+    rows = _flat_rows(index, b, heads, length)
+    taken = []
+    for states in (keys, values):
+        d = states.shape[-1]
+        taken.append(states.reshape(-1, d).index_select(0, rows).view(b, heads, -1, d))
+    return taken[0], taken[1]
 
 
 def put_positions(states: torch.Tensor, index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

@@ -26,13 +26,18 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from .layer_state import LayerState
+from .layer_state import LayerState, resolve_pending
 
 SUPPORTED_CACHES = "DynamicCache (the default cache of generate), with DynamicLayer / sliding-window layers"
 
 
 class CompressedLayer(DynamicLayer):
-    """A DynamicLayer whose first `state.base_len` slots hold a compacted prompt (see the module doc)."""
+    """A DynamicLayer whose first `state.base_len` slots hold a compacted prompt (see the module doc).
+
+    pending: a layer_state.PendingLayout while the forward that compacted the layer runs (its plan's checks
+    and the end of its layout wait for `CompressedCache.refresh_layout`), else None."""
+
+    pending = None
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, state: LayerState):
         super().__init__()
@@ -127,8 +132,16 @@ class CompressedCache(DynamicCache):
         return super().get_mask_sizes(query_length, layer_idx)
 
     def refresh_layout(self, managed: frozenset[int]) -> None:
-        """Recompute `compacted` / `plain` after a layer changed its layout."""
+        """Recompute `compacted` / `plain` after a layer changed its layout; first finish the layouts laid out
+        without a host read in this forward (their plans' checks: one read for all of them)."""
         layers = [self.layers[i] for i in managed if i < len(self.layers)]
+        pending = []
+        for layer in layers:
+            if isinstance(layer, CompressedLayer) and layer.pending is not None:
+                pending.append(layer.pending)
+                layer.pending = None
+        if pending:
+            resolve_pending(pending)
         states = [layer.state for layer in layers if isinstance(layer, CompressedLayer)]
         self.compacted = any(s.compacted for s in states)
         lengths = {layer.physical_length for layer in layers}

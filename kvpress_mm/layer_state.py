@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .cache_ops import gather_positions, index_from_order, kept_order
+from .cache_ops import gather_layer, index_from_order, kept_order
 from .modality import Modality
 
 
@@ -147,23 +147,161 @@ def compacted_state(
         slots = slot_valid[:, :1]
     else:
         slots = slot_valid
+    labels = _slot_labels(modality, index, None if every_full else slot_valid[:, 0], heads_agree)
+    new_positions = _slot_positions(positions, index, heads)
+    scores = _slot_scores(scores, index, heads)
+    state = LayerState(index.shape[-1], slots, labels, cap, new_positions, total, scores, compacted=True)
+    return state, index
+
+
+def _slot_labels(modality, index, slot_valid, heads_agree: bool) -> torch.Tensor:
+    """[B, K] labels of the compacted slots (PAD where slot_valid [B, K] is False)."""
     if heads_agree:
         labels = torch.gather(modality, 1, index[:, 0])
     else:
         # heads keep different positions: a slot's modality is not one label; keep only real vs padding
         labels = torch.full(index[:, 0].shape, int(Modality.TEXT), dtype=modality.dtype, device=modality.device)
-    labels = labels.masked_fill(~slot_valid[:, 0], int(Modality.PAD))
+    return labels if slot_valid is None else labels.masked_fill(~slot_valid, int(Modality.PAD))
+
+
+def _slot_positions(positions, index, heads: int) -> torch.Tensor:
     heads_out = max(heads, positions.shape[1])
-    new_positions = torch.gather(positions.expand(-1, heads_out, -1), 2, index.expand(-1, heads_out, -1))
-    if scores is not None:
-        groups = scores.shape[1] // heads
-        per_query_head = index.repeat_interleave(groups, dim=1) if heads > 1 else index.expand(-1, scores.shape[1], -1)
-        scores = torch.gather(scores, 2, per_query_head)
-    state = LayerState(index.shape[-1], slots, labels, cap, new_positions, total, scores, compacted=True)
-    return state, index
+    return torch.gather(positions.expand(-1, heads_out, -1), 2, index.expand(-1, heads_out, -1))
+
+
+def _slot_scores(scores, index, heads: int):
+    if scores is None:
+        return None
+    groups = scores.shape[1] // heads
+    per_query_head = index.repeat_interleave(groups, dim=1) if heads > 1 else index.expand(-1, scores.shape[1], -1)
+    return torch.gather(scores, 2, per_query_head)
+
+
+@dataclass
+class PendingLayout:
+    """A layer laid out by `planned_state`, whose plan is checked when the forward ends (`resolve_pending`).
+
+    counts: [B, h] what the plan kept; expected: [B] the budget rule's counts; valid / n_valid: the prompt's
+    real positions (valid None: every position real); report: the layer's LayerReport (kept_fraction is
+    filled in); owner: the strategy's class name (for the errors).
+    """
+
+    owner: str
+    layer_idx: int
+    state: LayerState
+    keep: torch.Tensor
+    counts: torch.Tensor
+    index: torch.Tensor
+    expected: torch.Tensor
+    valid: torch.Tensor | None
+    n_valid: torch.Tensor
+    report: object = None
+
+
+def planned_state(
+    keep: torch.Tensor,
+    modality: torch.Tensor,
+    cap: torch.Tensor,
+    positions: torch.Tensor | None,
+    total: int,
+    scores: torch.Tensor | None,
+    k_max: int,
+    k_min: int,
+) -> tuple[LayerState, torch.Tensor, torch.Tensor]:
+    """`compacted_state` without a host read, for a plan that keeps the budget rule's counts: cap [B] in every
+    kv head, whose largest and smallest values k_max / k_min the caller knows on the host (they follow from
+    the prompt's real lengths). Returns (state, index, counts [B, h] of what the plan kept): a PendingLayout
+    of them is checked once the forward ends, and a plan that kept fewer than cap is laid out again then
+    (`resolve_pending`); one that kept more is an error.
+
+    positions None: the slots are the prompt's positions 0..L-1 (a first prompt), their index is the gather
+    index itself.
+    """
+    heads, length = keep.shape[1], keep.shape[-1]
+    counts = keep.sum(-1)
+    index = kept_order(keep)[..., length - k_max :]
+    slots = None
+    if k_min < k_max:  # rows of a padded batch keep different counts: the first slots of the shorter rows
+        slots = (torch.arange(k_max, device=keep.device) >= (k_max - cap)[:, None])[:, None, :]
+    labels = _slot_labels(modality, index, None if slots is None else slots[:, 0], heads_agree=True)
+    new_positions = index if positions is None else _slot_positions(positions, index, heads)
+    scores = _slot_scores(scores, index, heads)
+    state = LayerState(k_max, slots, labels, cap, new_positions, total, scores, compacted=True)
+    return state, index, counts
+
+
+def _flags(group: list[PendingLayout]) -> torch.Tensor:
+    """float [6, N]: kept more than the rule, fewer, no token in a (row, head) with real tokens, padding, heads
+    disagreeing on the kept positions, the kept share; for N layers laid out alike (one stack each)."""
+    counts = torch.stack([p.counts for p in group])  # [N, B, h]
+    expected = torch.stack([p.expected for p in group])[..., None]
+    n_valid = torch.stack([p.n_valid for p in group])[..., None]
+    flags = [
+        (counts > expected).flatten(1).any(1),
+        (counts < expected).flatten(1).any(1),
+        ((counts == 0) & (n_valid > 0)).flatten(1).any(1),
+    ]
+    if group[0].valid is not None:
+        keeps = torch.stack([p.keep for p in group])
+        valid = torch.stack([p.valid for p in group])
+        flags.append((keeps & ~valid[:, :, None, :]).flatten(1).any(1))
+    else:
+        flags.append(torch.zeros_like(flags[0]))
+    if counts.shape[-1] > 1:
+        index = torch.stack([p.index for p in group])
+        flags.append((index != index[:, :, :1]).flatten(1).any(1))
+    else:
+        flags.append(torch.zeros_like(flags[0]))
+    flags.append((counts.float() / n_valid.clamp(min=1)).flatten(1).mean(1))
+    return torch.stack([f.float() for f in flags])
+
+
+def resolve_pending(pending: list[PendingLayout]) -> None:
+    """Check the plans of layers laid out by `planned_state` and finish their layouts: one host read per
+    group of layers alike (on one device: one for the whole prompt). Raises the plan errors of `check_plan`
+    for the lowest layer at fault; a layer whose plan kept fewer than its budget gets real-slot masks."""
+    groups: dict[tuple, list[PendingLayout]] = {}
+    for p in pending:
+        key = (p.keep.device, tuple(p.keep.shape), tuple(p.index.shape), p.valid is None)
+        groups.setdefault(key, []).append(p)
+    verdicts = []
+    for group in groups.values():
+        more, fewer, empty, padding, differ, share = _flags(group).tolist()
+        verdicts += list(zip(group, more, fewer, empty, padding, differ, share))
+    verdicts.sort(key=lambda v: v[0].layer_idx)
+    for p, more, _, empty, padding, _, _ in verdicts:
+        if padding:
+            raise ValueError(f"{p.owner}.plan kept padding positions; keep only real tokens (layer.valid)")
+        if empty:
+            raise ValueError(f"{p.owner}.plan kept no token for some (row, head) of layer {p.layer_idx}")
+        if more:
+            raise ValueError(
+                f"{p.owner}.plan kept more tokens than its budget rule (kept_counts) in some (row, kv head) of "
+                f"layer {p.layer_idx}; a strategy that keeps other counts must declare exact_budget = False"
+            )
+    for p, _, fewer, _, _, differ, share in verdicts:
+        if p.report is not None:
+            p.report.kept_fraction = share
+        if fewer:
+            _lay_out_fewer(p)
+        if differ:
+            state = p.state
+            slot_valid = None if state.slots is None else state.slots[:, 0]
+            state.modality = _slot_labels(state.modality, p.index, slot_valid, heads_agree=False)
+
+
+def _lay_out_fewer(p: PendingLayout) -> None:
+    """Real-slot masks of a layer whose plan kept fewer than the budget in some (row, kv head)."""
+    state, counts = p.state, p.counts
+    k = state.base_len
+    slot_valid = torch.arange(k, device=counts.device) >= (k - counts)[..., None]  # [B, h, K]
+    rows_uniform = counts.shape[1] == 1 or not bool((counts != counts[:, :1]).any())
+    state.slots = slot_valid[:, :1] if rows_uniform else slot_valid
+    state.modality = state.modality.masked_fill(~slot_valid[:, 0], int(Modality.PAD))
 
 
 def apply_index(layer, index: torch.Tensor, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
     """Write the gathered positions into a DynamicLayer (optionally from merged replacements)."""
-    layer.keys = gather_positions(layer.keys if keys is None else keys, index)
-    layer.values = gather_positions(layer.values if values is None else values, index)
+    layer.keys, layer.values = gather_layer(
+        layer.keys if keys is None else keys, layer.values if values is None else values, index
+    )

@@ -8,9 +8,11 @@ import torch
 
 from kvpress_mm.layer import AttentionNeeds, LayerKV, Plan
 from kvpress_mm.registry import register_strategy
-from kvpress_mm.selection import keep_top, last_tokens, per_kv_head
+from kvpress_mm.selection import last_tokens, per_kv_head
 from kvpress_mm.strategy import DecodePhaseMixin, EvictionStrategy
 from kvpress_mm.validate import check_fraction
+
+from .snapkv import keep_best, prompt_memo
 
 
 @register_strategy("h2o")
@@ -41,4 +43,8 @@ class H2O(DecodePhaseMixin, EvictionStrategy):
         return last_tokens(layer, torch.floor(layer.keep_count.double() * self.recent_share).long())
 
     def plan(self, layer: LayerKV) -> Plan:
-        return Plan(keep=keep_top(self.scores(layer), layer, protect=self.promised(layer)))
+        memo = prompt_memo(self, layer)
+        recent = memo.get(("recent", self.recent_share))
+        if recent is None:  # the recent window depends on the prompt only
+            recent = memo[("recent", self.recent_share)] = self.promised(layer)
+        return Plan(keep=keep_best(self.scores(layer), layer, protect=recent, memo=memo))

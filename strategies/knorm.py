@@ -8,8 +8,9 @@ import torch
 
 from kvpress_mm.layer import LayerKV, Plan
 from kvpress_mm.registry import register_strategy
-from kvpress_mm.selection import keep_top
 from kvpress_mm.strategy import EvictionStrategy
+
+from .snapkv import keep_best, prompt_memo
 
 
 @register_strategy("knorm")
@@ -21,4 +22,4 @@ class KNorm(EvictionStrategy):
         return -layer.keys.float().norm(dim=-1)
 
     def plan(self, layer: LayerKV) -> Plan:
-        return Plan(keep=keep_top(self.scores(layer), layer))
+        return Plan(keep=keep_best(self.scores(layer), layer, memo=prompt_memo(self, layer)))

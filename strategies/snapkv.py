@@ -8,11 +8,41 @@ import torch
 
 from kvpress_mm.layer import AttentionNeeds, LayerKV, Plan
 from kvpress_mm.registry import register_strategy
-from kvpress_mm.selection import keep_top, last_tokens, per_kv_head, pool_scores
+from kvpress_mm.selection import last_tokens, per_kv_head, pool_scores
 from kvpress_mm.strategy import EvictionStrategy
 from kvpress_mm.validate import check_choice, check_int, warn_ignored
 
 POOLINGS = ("avg", "max")
+
+
+def prompt_memo(strategy, layer: LayerKV) -> dict:
+    """A dict kept on `strategy` for what depends only on the prompt (its labels and kept counts), not on a
+    layer's keys: the layers of one prompt share its entries (the framework hands them the same label and
+    count tensors); a view of other tensors (the next prompt) starts an empty one."""
+    memo = getattr(strategy, "_prompt_memo", None)
+    if memo is None or memo["modality"] is not layer.modality or memo["keep_count"] is not layer.keep_count:
+        memo = strategy._prompt_memo = {"modality": layer.modality, "keep_count": layer.keep_count}
+    return memo
+
+
+def keep_best(scores: torch.Tensor, layer: LayerKV, protect: torch.Tensor | None = None, memo=None) -> torch.Tensor:
+    """`selection.keep_top(scores, layer, protect=protect)` without reading a size back to the host (on a GPU
+    each read waits for the queued kernels): a full stable sort instead of a top-k. The same positions; among
+    equal scores the earlier position first. protect: bool [batch, seq], at most keep_count per row (these
+    strategies clip their windows to it). memo: a `prompt_memo` dict for the prompt-only parts."""
+    memo = {} if memo is None else memo
+    parts = memo.get("keep_best")
+    if parts is None:
+        taken = torch.arange(layer.length, device=scores.device) < layer.keep_count[:, None]
+        parts = memo["keep_best"] = (~layer.valid[:, None, :], taken[:, None, :])
+    padding, taken = parts
+    rank = torch.nan_to_num(scores if scores.dtype == torch.float64 else scores.float(), nan=float("-inf"))
+    rank = rank.masked_fill_(padding, float("-inf"))
+    if protect is not None:
+        rank = rank.masked_fill_(protect[:, None, :], float("inf"))
+    order = rank.argsort(dim=-1, descending=True, stable=True)
+    keep = torch.zeros(rank.shape, dtype=torch.bool, device=rank.device).scatter_(-1, order, taken.expand_as(order))
+    return keep & (rank > float("-inf"))  # nan scores are never kept (as keep_top)
 
 
 @register_strategy("snapkv")
@@ -51,4 +81,8 @@ class SnapKV(EvictionStrategy):
         return last_tokens(layer, torch.clamp(layer.keep_count, max=self.window_size))
 
     def plan(self, layer: LayerKV) -> Plan:
-        return Plan(keep=keep_top(self.scores(layer), layer, protect=self.promised(layer)))
+        memo = prompt_memo(self, layer)
+        window = memo.get(("window", self.window_size))
+        if window is None:  # the observation window depends on the prompt only
+            window = memo[("window", self.window_size)] = self.promised(layer)
+        return Plan(keep=keep_best(self.scores(layer), layer, protect=window, memo=memo))

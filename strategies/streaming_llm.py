@@ -12,6 +12,8 @@ from kvpress_mm.selection import first_tokens, last_tokens
 from kvpress_mm.strategy import DecodePhaseMixin, EvictionStrategy
 from kvpress_mm.validate import check_int
 
+from .snapkv import prompt_memo
+
 
 @register_strategy("streaming_llm")
 @dataclass
@@ -36,4 +38,10 @@ class StreamingLLM(DecodePhaseMixin, EvictionStrategy):
         return first_tokens(layer, sinks) | last_tokens(layer, layer.keep_count - sinks)
 
     def plan(self, layer: LayerKV) -> Plan:
-        return Plan(keep=self.promised(layer)[:, None, :])
+        # the kept positions depend on the prompt only (its labels and kept counts), not on the layer's keys:
+        # the layers of one prompt share one mask (and the framework lays them out once)
+        memo = prompt_memo(self, layer)
+        keep = memo.get(("keep", self.sinks))
+        if keep is None:
+            keep = memo[("keep", self.sinks)] = self.promised(layer)[:, None, :]
+        return Plan(keep=keep)

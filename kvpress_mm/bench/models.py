@@ -12,6 +12,8 @@ RANDOM_SIZES = {
     "micro": (64, 2, 4, 2, 128),  # for smoke tests of the benchmark itself
     "tiny": (256, 4, 4, 4, 704),
     "mid": (1024, 8, 16, 16, 2816),
+    # many narrow layers: the framework's per-layer cost shows beside a small model cost (mode=overhead)
+    "narrow": (64, 32, 4, 2, 128),
 }
 
 
@@ -23,10 +25,14 @@ class BenchModel:
     config: object  # the text config (for DynamicCache)
 
 
-def random_llama(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> BenchModel:
+def random_llama(
+    name: str, device: torch.device, dtype: torch.dtype, seed: int = 0, layers: int | None = None
+) -> BenchModel:
+    """layers: this many decoder layers instead of the size's own (the same shape otherwise)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hidden, layers, heads, kv_heads, intermediate = RANDOM_SIZES[name]
+    hidden, size_layers, heads, kv_heads, intermediate = RANDOM_SIZES[name]
+    layers = size_layers if layers is None else layers
     config = LlamaConfig(
         vocab_size=4096,
         hidden_size=hidden,

@@ -25,11 +25,15 @@ from kvpress_mm.devices import device_problem
 from ..validate import check_bool, check_choice, check_int, check_number, is_int, is_number
 from .measure import decode_ms_per_token, prefill
 from .models import RANDOM_SIZES, load_bench_model
+from .overhead import OverheadSettings
 from .report import write_reports
 
 EAGER_REFERENCE = "eager_reference"
 BENCH_MODELS = (*RANDOM_SIZES, "mini_llava")
 DTYPES = ("float32", "bfloat16", "float16")
+# matrix: every (model, length, strategy, budget) against plain sdpa; overhead: the framework's cost per layer
+# (bench/overhead.py, its settings under `overhead`)
+MODES = ("matrix", "overhead")
 MIN_LENGTH = 16
 
 
@@ -58,9 +62,14 @@ class BenchSettings:
     eager_reference: bool = True
     eager_max_length: int = 4096  # the L x L reference needs ~heads * L^2 * 4 bytes per layer
     output_dir: str | None = "."
+    mode: str = "matrix"
+    overhead: OverheadSettings = field(default_factory=OverheadSettings)
 
     def __post_init__(self):
         # every setting is checked before any model loads: a typo must not surface after an hour of measuring
+        check_choice("bench", "mode", self.mode, MODES)
+        if isinstance(self.overhead, dict):
+            self.overhead = OverheadSettings(**self.overhead)
         for name in ("repeats", "plain_every", "threads", "batch"):
             check_int("bench", name, getattr(self, name), minimum=1)
         check_int("bench", "decode_tokens", self.decode_tokens, minimum=0)

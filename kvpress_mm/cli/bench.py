@@ -8,13 +8,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from kvpress_mm.bench import BenchSettings, run_benchmark
+from kvpress_mm.bench.overhead import overhead_table, run_overhead
 from kvpress_mm.bench.report import markdown_table
 
 from . import errors
 
 
 def run_bench(cfg: DictConfig) -> list[dict]:
-    """Hydra task function: bench.json / bench.md / bench.png go to the output directory."""
+    """Hydra task function: bench.json / bench.md / bench.png go to the output directory (mode=overhead:
+    overhead.json / overhead.md)."""
     import kvpress_mm
 
     values = OmegaConf.to_container(cfg, resolve=True)
@@ -26,9 +28,22 @@ def run_bench(cfg: DictConfig) -> list[dict]:
         errors.fail(err)
     if settings.output_dir is None:
         settings.output_dir = HydraConfig.get().runtime.output_dir
-    unknown = [n for n in settings.strategies if n not in kvpress_mm.list_strategies()]
+    names = settings.overhead.strategies if settings.mode == "overhead" else settings.strategies
+    unknown = [n for n in names if n not in kvpress_mm.list_strategies()]
     if unknown:
-        errors.fail(f"strategies: unknown {unknown}; choose from {kvpress_mm.list_strategies()}")
+        key = "overhead.strategies" if settings.mode == "overhead" else "strategies"
+        errors.fail(f"{key}: unknown {unknown}; choose from {kvpress_mm.list_strategies()}")
+    if settings.mode == "overhead":
+        errors.results_in(settings.output_dir, "overhead.json")
+        try:
+            result = run_overhead(
+                settings.overhead, settings.device, settings.dtype, settings.threads, settings.output_dir
+            )
+        except ValueError as err:  # overhead.kvpress=on without kvpress
+            errors.fail(err)
+        print(overhead_table(result))
+        print(f"results: {settings.output_dir}/overhead.json, overhead.md")
+        return result["rows"]
     errors.results_in(settings.output_dir, "bench.json")  # rewritten after each (length, model)
     records = run_benchmark(settings)
     print(markdown_table(records))
