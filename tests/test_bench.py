@@ -230,3 +230,25 @@ def test_padded_batch_bench(tmp_path):
         BenchSettings(padding=0.2)
     with pytest.raises(ValueError, match="mini_llava runs with batch=1 only"):
         BenchSettings(models=["tiny", "mini_llava"], batch=2)
+
+
+def test_default_strategy_list_skips_what_the_model_cannot_run(tmp_path, capsys):
+    """Every registered strategy by default; sparsemm (no head profile for a random model) is skipped with a line,
+    and named explicitly it is an error naming the strategy and the model."""
+    import kvpress_mm
+
+    settings = BenchSettings(
+        models=["micro"],
+        lengths=[48],
+        budgets=[0.2],
+        repeats=1,
+        decode_tokens=1,
+        eager_reference=False,
+        output_dir=str(tmp_path),
+    )
+    names = {r["strategy"] for r in run_benchmark(settings)}
+    assert "sparsemm" not in names and {"snapkv", "h2o", "look_m"} <= names
+    assert names == set(kvpress_mm.list_strategies()) - {"full", "sparsemm"}
+    assert "skipping sparsemm on micro" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="bench: strategy 'sparsemm' cannot run on micro"):
+        run_benchmark(BenchSettings(**{**settings.__dict__, "strategies": ["sparsemm"]}))

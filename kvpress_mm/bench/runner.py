@@ -202,12 +202,23 @@ def machine(device: torch.device) -> str:
     return f"{model}, {vector}" if vector else model
 
 
-def _points(names, settings, prompt: int) -> list[Point]:
-    points = [
-        Point(name, budget, kvpress_mm.get_strategy(name, budget=budget))
-        for name in names
-        for budget in settings.budgets
-    ]
+def _points(names, settings, prompt: int, bench=None, chosen: bool = True) -> list[Point]:
+    """The (strategy, budget) points; with `bench`, a strategy that cannot run on its model (sparsemm without a
+    head profile) is skipped with a line when the default list was used, and an error when it was chosen."""
+    points = []
+    for name in names:
+        these = [Point(name, budget, kvpress_mm.get_strategy(name, budget=budget)) for budget in settings.budgets]
+        if bench is not None:
+            try:
+                for point in these:
+                    with point.strategy(bench.model):
+                        pass
+            except ValueError as err:
+                if chosen:
+                    raise ValueError(f"bench: strategy {name!r} cannot run on {bench.name}: {err}") from None
+                tqdm.write(f"skipping {name} on {bench.name}: {str(err).splitlines()[0]}")
+                continue
+        points += these
     if settings.eager_reference and prompt <= settings.eager_max_length:
         points.append(Point(EAGER_REFERENCE, 0.2, kvpress_mm.get_strategy("h2o", budget=0.2), eager=True))
     return points
@@ -239,7 +250,7 @@ def run_benchmark(settings: BenchSettings) -> list[dict]:
                 prompt = int(inputs["input_ids"].shape[1])
                 bar.set_postfix_str(f"{model_name} @ {prompt} tokens")
                 prefill(bench, inputs, None, device)  # warm-up
-                points = _points(names, settings, prompt)
+                points = _points(names, settings, prompt, bench, chosen=bool(settings.strategies))
                 measure_rounds(bench, inputs, points, settings, device, on_round=bar.update)
                 base = {
                     "model": model_name,
