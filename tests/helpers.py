@@ -103,5 +103,18 @@ def profile_fields(name: str, identity) -> dict:
     return {"profile": str(path)}
 
 
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    """kvpress_mm.cli.main(args) in this process: (exit status, stdout, stderr)."""
+    from kvpress_mm.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def parameters_snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

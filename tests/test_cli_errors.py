@@ -9,11 +9,12 @@ import sys
 
 import pytest
 import torch
+from helpers import run_cli
 
 import kvpress_mm.bench.runner as bench_runner
 import kvpress_mm.cli.run as cli_run
 import kvpress_mm.eval
-from kvpress_mm.cli import main, select_target_option
+from kvpress_mm.cli import select_target_option
 from kvpress_mm.eval import runner as runner_mod
 
 # the cheapest meaningful run (as in test_cli.py): fidelity on a tiny random model, 1 sample, 2 new tokens
@@ -44,17 +45,6 @@ def no_model(monkeypatch):
     monkeypatch.setattr(cli_run, "_load_once", refuse)
     monkeypatch.setattr(kvpress_mm.eval, "load_model", refuse)
     monkeypatch.setattr(bench_runner, "load_bench_model", refuse)
-
-
-def run_cli(args, capsys) -> tuple[int, str, str]:
-    """kvpress_mm.cli.main(args) in this process: (exit status, stdout, stderr)."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_error_line(args, capsys, key: str) -> str:

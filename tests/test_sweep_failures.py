@@ -10,9 +10,9 @@ import sys
 import textwrap
 
 import pytest
+from helpers import run_cli
 
 import kvpress_mm.cli.run as cli_run
-from kvpress_mm.cli import main
 from kvpress_mm.eval import runner as runner_mod
 from kvpress_mm.results import markdown_table, table_rows
 
@@ -57,16 +57,6 @@ def _in_tmp(tmp_path, monkeypatch):
     (tmp_path / "site" / "kvmm_sweep_plugin.py").write_text(textwrap.dedent(PLUGIN))
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     sys.modules.pop("kvmm_sweep_plugin", None)
-
-
-def run_cli(args, capsys) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def summary_rows(sweep) -> list[dict]:
