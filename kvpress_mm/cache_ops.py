@@ -30,7 +30,7 @@ def compact_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index_from_order(kept_order(keep), counts, k_max)
 
 
-def _flat_rows(index: torch.Tensor, b: int, heads: int, length: int) -> torch.Tensor:
+def flat_rows(index: torch.Tensor, b: int, heads: int, length: int) -> torch.Tensor:
     """index [B, 1|H, N] of positions in [0, length) -> [B*H*N] rows of a [B*H*length, D] view."""
     base = torch.arange(0, b * heads * length, length, device=index.device).view(b, heads, 1)
     return (index + base).reshape(-1)
@@ -41,7 +41,7 @@ def _flat_rows(index: torch.Tensor, b: int, heads: int, length: int) -> torch.Te
 def gather_positions(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """states [B, H, L, D], index [B, 1|H, K] -> [B, H, K, D] (states[b, h, index[b, h, k]])."""
     b, heads, length, d = states.shape
-    rows = _flat_rows(index, b, heads, length)
+    rows = flat_rows(index, b, heads, length)
     return states.reshape(-1, d).index_select(0, rows).view(b, heads, -1, d)
 
 
@@ -52,7 +52,7 @@ def gather_layer(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) 
     if b == 1 and index.shape[1] == 1:
         positions = index.reshape(-1)
         return keys.index_select(2, positions), values.index_select(2, positions)
-    rows = _flat_rows(index, b, heads, length)
+    rows = flat_rows(index, b, heads, length)
     taken = []
     for states in (keys, values):
         d = states.shape[-1]
@@ -62,9 +62,15 @@ def gather_layer(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) 
 
 def put_positions(states: torch.Tensor, index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """A copy of states [B, H, L, D] with states[b, h, index[b, h, k]] = source[b, h, k] (distinct indices)."""
-    b, heads, length, d = states.shape
+    b, heads, length, _ = states.shape
+    return put_rows(states, flat_rows(index, b, heads, length), source)
+
+
+def put_rows(states: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """`put_positions` with the index given as `flat_rows` (shared by keys and values)."""
+    d = states.shape[-1]
     out = states.clone(memory_format=torch.contiguous_format)
-    out.view(-1, d).index_copy_(0, _flat_rows(index, b, heads, length), source.reshape(-1, d).to(out.dtype))
+    out.view(-1, d).index_copy_(0, rows, source.reshape(-1, d).to(out.dtype))
     return out
 
 

@@ -232,7 +232,8 @@ def planned_state(
 
 def _flags(group: list[PendingLayout]) -> torch.Tensor:
     """float [6, N]: kept more than the rule, fewer, no token in a (row, head) with real tokens, padding, heads
-    disagreeing on the kept positions, the kept share; for N layers laid out alike (one stack each)."""
+    disagreeing on the kept positions of a slot labelled other than text, the kept share; for N layers laid out
+    alike (one stack each)."""
     counts = torch.stack([p.counts for p in group])  # [N, B, h]
     expected = torch.stack([p.expected for p in group])[..., None]
     n_valid = torch.stack([p.n_valid for p in group])[..., None]
@@ -248,8 +249,11 @@ def _flags(group: list[PendingLayout]) -> torch.Tensor:
     else:
         flags.append(torch.zeros_like(flags[0]))
     if counts.shape[-1] > 1:
+        # heads keeping different positions, where that changes a slot's label (text-only prompts: never)
         index = torch.stack([p.index for p in group])
-        flags.append((index != index[:, :, :1]).flatten(1).any(1))
+        labels = torch.stack([p.state.modality for p in group])
+        labelled = ((labels != int(Modality.TEXT)) & (labels != int(Modality.PAD))).flatten(1).any(1)
+        flags.append((index != index[:, :, :1]).flatten(1).any(1) & labelled)
     else:
         flags.append(torch.zeros_like(flags[0]))
     flags.append((counts.float() / n_valid.clamp(min=1)).flatten(1).mean(1))

@@ -31,15 +31,17 @@ def keep_best(scores: torch.Tensor, layer: LayerKV, protect: torch.Tensor | None
     equal scores the earlier position first. protect: bool [batch, seq], at most keep_count per row (these
     strategies clip their windows to it). memo: a `prompt_memo` dict for the prompt-only parts."""
     memo = {} if memo is None else memo
-    parts = memo.get("keep_best")
-    if parts is None:
+    parts = memo.get(("keep_best", id(protect)))
+    if parts is None or parts[0] is not protect:
         taken = torch.arange(layer.length, device=scores.device) < layer.keep_count[:, None]
-        parts = memo["keep_best"] = (~layer.valid[:, None, :], taken[:, None, :])
-    padding, taken = parts
+        padding = ~layer.valid
+        # one override for the prompt: -inf on padding, +inf on the protected positions
+        fixed = padding if protect is None else padding | protect
+        value = torch.where(padding, float("-inf"), float("inf"))
+        parts = memo[("keep_best", id(protect))] = (protect, fixed[:, None, :], value[:, None, :], taken[:, None, :])
+    _, fixed, value, taken = parts
     rank = torch.nan_to_num(scores if scores.dtype == torch.float64 else scores.float(), nan=float("-inf"))
-    rank = rank.masked_fill_(padding, float("-inf"))
-    if protect is not None:
-        rank = rank.masked_fill_(protect[:, None, :], float("inf"))
+    rank = torch.where(fixed, value.to(rank.dtype), rank)
     order = rank.argsort(dim=-1, descending=True, stable=True)
     keep = torch.zeros(rank.shape, dtype=torch.bool, device=rank.device).scatter_(-1, order, taken.expand_as(order))
     return keep & (rank > float("-inf"))  # nan scores are never kept (as keep_top)
