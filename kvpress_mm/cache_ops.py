@@ -8,8 +8,8 @@ import torch
 def kept_order(keep: torch.Tensor) -> torch.Tensor:
     """Positions of bool keep [B, h, L] with the kept ones last, each group in original order: [B, h, L].
 
-    One kernel: a stable sort of the bools (False before True, ties in position order)."""
-    return keep.argsort(dim=-1, stable=True)
+    One kernel: a stable sort of the bools read as bytes (False before True, ties in position order)."""
+    return keep.view(torch.uint8).argsort(dim=-1, stable=True)
 
 
 def index_from_order(order: torch.Tensor, counts: torch.Tensor, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -230,28 +230,36 @@ def planned_state(
     return state, index, counts
 
 
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, or one tensor expanded when every entry is that tensor (a prompt's counts, a shared layout)."""
+    first = tensors[0]
+    if all(t is first for t in tensors):
+        return first[None].expand(len(tensors), *first.shape)
+    return torch.stack(tensors)
+
+
 def _flags(group: list[PendingLayout]) -> torch.Tensor:
     """float [6, N]: kept more than the rule, fewer, no token in a (row, head) with real tokens, padding, heads
     disagreeing on the kept positions of a slot labelled other than text, the kept share; for N layers laid out
     alike (one stack each)."""
-    counts = torch.stack([p.counts for p in group])  # [N, B, h]
-    expected = torch.stack([p.expected for p in group])[..., None]
-    n_valid = torch.stack([p.n_valid for p in group])[..., None]
+    counts = _stacked([p.counts for p in group])  # [N, B, h]
+    expected = _stacked([p.expected for p in group])[..., None]
+    n_valid = _stacked([p.n_valid for p in group])[..., None]
     flags = [
         (counts > expected).flatten(1).any(1),
         (counts < expected).flatten(1).any(1),
         ((counts == 0) & (n_valid > 0)).flatten(1).any(1),
     ]
     if group[0].valid is not None:
-        keeps = torch.stack([p.keep for p in group])
-        valid = torch.stack([p.valid for p in group])
+        keeps = _stacked([p.keep for p in group])
+        valid = _stacked([p.valid for p in group])
         flags.append((keeps & ~valid[:, :, None, :]).flatten(1).any(1))
     else:
         flags.append(torch.zeros_like(flags[0]))
     if counts.shape[-1] > 1:
         # heads keeping different positions, where that changes a slot's label (text-only prompts: never)
-        index = torch.stack([p.index for p in group])
-        labels = torch.stack([p.state.modality for p in group])
+        index = _stacked([p.index for p in group])
+        labels = _stacked([p.state.modality for p in group])
         labelled = ((labels != int(Modality.TEXT)) & (labels != int(Modality.PAD))).flatten(1).any(1)
         flags.append((index != index[:, :, :1]).flatten(1).any(1) & labelled)
     else:
