@@ -49,3 +49,8 @@ python -m kvpress_mm.summarize_bench docs/bench/cuda runs/device/bench_cuda_tiny
 kvpress-mm bench "models=[mini_llava]" "lengths=[8192]" threads=1 "budgets=[0.2]" \
   "strategies=[h2o,look_m,text_prior_pivot_merge,snapkv,streaming_llm,tova]" output_dir=runs/bench_r
 python -m kvpress_mm.summarize_bench docs/bench docs/bench/bench.json runs/bench_r/bench.json --length 4200
+# ---- issue 21: the framework's cost per layer (docs/bench/overhead.md; a shared 2-core Xeon with AVX-512) ----
+# before: commit 6664758 with kvpress_mm/bench/overhead.py copied in; the two alternated, twice (~1.5 min each)
+kvpress-mm bench mode=overhead output_dir=runs/overhead_after_1
+kvpress-mm bench "models=[mid]" "lengths=[4096]" "strategies=[streaming_llm,knorm,snapkv,h2o,look_m]" \
+  "budgets=[0.2]" repeats=3 eager_reference=false decode_tokens=4 output_dir=runs/mid4k_after       # 5 min
