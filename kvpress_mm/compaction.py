@@ -57,7 +57,7 @@ class PromptLayout:
     """
 
     def __init__(self, prompt, strategy, num_layers: int, device: torch.device):
-        self.prompt = prompt
+        self._prompt = weakref.ref(prompt)  # a strong one would keep the prompt's _LAYOUTS entry alive
         self.device = device
         self.view = prompt.on(device)  # (modality, valid, n_valid, all valid?)
         modality, valid, n_valid, all_valid = self.view
@@ -97,12 +97,12 @@ class PromptLayout:
     def keep_count(self, idx: int) -> torch.Tensor:
         if idx in self._device:
             return self._device[idx]
-        return self.prompt.keep_counts(idx, self.device)
+        return self._prompt().keep_counts(idx, self.device)
 
     def evicts(self, idx: int) -> bool:
         if idx in self._evicts:
             return self._evicts[idx]
-        return self.prompt.evicts(idx, self.device)
+        return self._prompt().evicts(idx, self.device)
 
     def host_counts(self, idx: int) -> list[int] | None:
         """[B] the layer's kept counts on the host, None when they are not known there (model scope)."""

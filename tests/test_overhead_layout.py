@@ -190,3 +190,15 @@ def test_trusted_layout_is_not_used_for_cross_layer_or_headwise_budgets():
             generate(t.model, t.make_inputs(MIXED_ROWS), steps=2)
         assert press.compressed_any
         assert all(layer.pending is None for layer in _layers(press.cache).values())
+
+
+def test_prompt_layouts_do_not_outlive_their_prompts():
+    import gc
+
+    t = tiny("llama")
+    strategy = H2O(budget=0.3)
+    with strategy(t.model):
+        for _ in range(3):
+            generate(t.model, t.make_inputs(TEXT_ROWS), steps=1)
+    gc.collect()
+    assert len(compaction._LAYOUTS) <= 1  # the last prompt's (held by the session until the next one)
