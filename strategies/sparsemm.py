@@ -160,7 +160,9 @@ def apportion(total: torch.Tensor, weights: torch.Tensor, floor: torch.Tensor, c
         if not bool(over.any()):
             break
         free = free & ~over
-    x = torch.minimum(x, cap)
+    # snap to a 2^-24 grid: float rounding would otherwise split exact ties between remainders (4/7 vs 4/7)
+    # and put an exact whole share a hair below itself; the grid is far above float64's error at these sizes
+    x = torch.minimum((x * 2**24).round() / 2**24, cap)
     whole = x.floor()
     missing = (total[:, 0] - whole.sum(-1)).round().long()
     remainder = torch.where(whole < cap, x - whole, -1.0)

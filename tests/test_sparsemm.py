@@ -70,11 +70,21 @@ def loopapportion(total, weights, floor, cap):
     data=st.data(),
 )
 def testapportion_matches_exact_loop_reference(n, data):
-    cap = data.draw(st.integers(0, 60))
-    floor = data.draw(st.integers(0, cap))
-    total = data.draw(st.integers(n * floor, n * cap))
-    # weights with zeros and ties (dyadic values: exact in float64, so the two computations agree exactly)
-    weights = [data.draw(st.sampled_from([0, 0.0625, 0.125, 0.25, 0.5, 1.0, 3.0])) for _ in range(n)]
+    _check_apportion(n, data.draw)
+
+
+def test_apportion_breaks_exact_ties_by_index_despite_float_rounding():
+    # the remainders of items 1 and 3 are both exactly 4/7; in float64 they differed in the last bit
+    draws = iter([18, 5, 70, 0, 0.125, 0.25, 1.0, 3.0, 0.125, 0.25])
+    _check_apportion(7, lambda _strategy: next(draws))
+
+
+def _check_apportion(n, draw):
+    cap = draw(st.integers(0, 60))
+    floor = draw(st.integers(0, cap))
+    total = draw(st.integers(n * floor, n * cap))
+    # weights with zeros and ties (dyadic values: exact in float64; the shares need not be)
+    weights = [draw(st.sampled_from([0, 0.0625, 0.125, 0.25, 0.5, 1.0, 3.0])) for _ in range(n)]
     got = apportion(torch.tensor([total]), torch.tensor(weights), torch.tensor([floor]), torch.tensor([cap]))
     expected = loopapportion(total, weights, floor, cap)
     assert got[0].tolist() == expected
