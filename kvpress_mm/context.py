@@ -12,7 +12,6 @@ positions continue from the context's, and the question itself is compressed onl
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +41,14 @@ class CompressedContext:
     cache: object
     inputs: dict
     report: CompressionReport
+
+    @classmethod
+    def of(cls, model, strategy, cache, inputs: dict, report: CompressionReport) -> CompressedContext:
+        """A context from a cache `strategy` already compressed (e.g. from a shared prefill) and the inputs
+        it was prefilled from (only the ids, mask and per-token inputs are kept)."""
+        kept = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        kept.update({name: inputs[name] for name in TOKEN_INPUTS if name in inputs})
+        return cls(model, strategy, cache, kept, report)
 
     @property
     def length(self) -> int:
@@ -124,7 +131,7 @@ class CompressedContext:
             kwargs["logits_processor"] = LogitsProcessorList(
                 [*processors, ForcedTokens.from_rows(forced, inputs["input_ids"].shape[1])]
             )
-        with self.strategy(self.model), _rope_deltas(self.model, self.cache, n):
+        with self.strategy(self.model):  # inside it the cache brings its M-RoPE offset (Qwen-VL)
             out = self.model.generate(
                 **inputs,
                 cache=cache,
@@ -177,27 +184,7 @@ def compress_context(model: torch.nn.Module, strategy, inputs: dict) -> Compress
     with strategy(model) as session, torch.no_grad():
         out = model(**inputs, use_cache=True, logits_to_keep=1)
     cache = getattr(out, "cache", None) or out.past_key_values
-    kept = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-    kept.update({name: inputs[name] for name in TOKEN_INPUTS if name in inputs})
-    return CompressedContext(model, strategy, cache, kept, session.report)
-
-
-@contextmanager
-def _rope_deltas(model, cache, rows: int):
-    """Qwen-VL keeps the prompt's M-RoPE offset on the model; give generate the context's for the call."""
-    deltas = getattr(cache, "rope_deltas", None)
-    owner = next(
-        (m for m in (model, getattr(model, "model", None)) if m is not None and hasattr(m, "rope_deltas")), None
-    )
-    if deltas is None or owner is None:
-        yield
-        return
-    saved = owner.rope_deltas
-    owner.rope_deltas = deltas.repeat_interleave(rows, dim=0)
-    try:
-        yield
-    finally:
-        owner.rope_deltas = saved
+    return CompressedContext.of(model, strategy, cache, inputs, session.report)
 
 
 def _as_ids(question, i: int) -> torch.Tensor:

@@ -335,6 +335,23 @@ class CompressionSession:
         if prompt.first and idx == max(self.managed):
             cache.rope_deltas = self._rope_deltas()
 
+    # ------------------------------------------------------------------ a prefill shared by strategies
+    def compress_prefilled(self, cache, prefill) -> None:
+        """Compress `cache`, a copy of the full cache of `prefill` (a shared_prefill.SharedPrefill: a first
+        prompt's forward that already ran), as this strategy's own prefill would have: the forward's attention
+        calls go through this session layer by layer (statistics, budgets, compaction, replays)."""
+        with self:
+            self._before_forward(self.model, prefill.forward_args, prefill.forward_kwargs)
+            self.cache = cache
+            for idx in sorted(self.attention_modules):
+                call, layer = prefill.calls.get(idx), cache.layers[idx]
+                if call is not None and idx in self.managed:
+                    self.attention(
+                        call.base, call.module, call.query, layer.keys, layer.values, call.mask, **call.kwargs
+                    )
+                self._after_attention(self.attention_modules[idx], (), {"past_key_values": cache}, None)
+            self._after_forward(self.model, (), {}, cache)  # a replay strategy's rounds run here
+
     # ------------------------------------------------------------------ cross-layer budgets
     def _defer(self, cache, idx: int, stats: LayerStats) -> None:
         """Hold layer idx until the last managed layer has run, then allocate and compact them all."""

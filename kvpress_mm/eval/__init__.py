@@ -7,7 +7,7 @@ result.to_dict()
 """
 
 from .models import ModelBundle, list_models, load_model, model_options
-from .runner import RunResult, evaluate
+from .runner import RunResult, evaluate, evaluate_many
 from .sample import Sample
 from .tasks import Task, get_task, list_tasks, register_task, task_fields
 
@@ -17,6 +17,7 @@ __all__ = [
     "Sample",
     "Task",
     "evaluate",
+    "evaluate_many",
     "get_task",
     "list_models",
     "list_tasks",

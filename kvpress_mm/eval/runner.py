@@ -99,11 +99,13 @@ class RunResult:
 
 class EvaluationInterrupted(KeyboardInterrupt):
     """A KeyboardInterrupt during `evaluate`, carrying the RunResult of the samples finished before it
-    (`result.interrupted` is True): a caller that catches it can save them; others stop as on any Ctrl-C."""
+    (`result`; `results`: one per strategy of `evaluate_many`; `interrupted` is True on each): a caller
+    that catches it can save them; others stop as on any Ctrl-C."""
 
-    def __init__(self, result: RunResult):
+    def __init__(self, result: RunResult, *more: RunResult):
         super().__init__(f"interrupted after {result.n_samples} samples")
         self.result = result
+        self.results = [result, *more]
 
 
 def _jsonable(obj: Any):
@@ -214,16 +216,7 @@ def _ask(
             forced=forced,
             **bundle.generate_kwargs,
         )
-    width = max(a.tokens.shape[0] for a in answers)
-    pad = int(bundle.generate_kwargs.get("pad_token_id") or 0)
-    new_tokens = torch.full((len(answers), width), pad, dtype=torch.long)
-    raw = None
-    if logits:
-        raw = torch.zeros((len(answers), width, answers[0].logits.shape[-1]), dtype=torch.float32)
-    for b, a in enumerate(answers):
-        new_tokens[b, : a.tokens.shape[0]] = a.tokens.cpu()
-        if logits:
-            raw[b, : a.logits.shape[0]] = a.logits.cpu()
+    new_tokens, raw = _stack_answers(bundle, answers, logits)
     return _Generation(
         new_tokens=new_tokens,
         logits=raw,
@@ -235,6 +228,21 @@ def _ask(
         memory_method=mem.method,
         report=context.report,
     )
+
+
+def _stack_answers(bundle: ModelBundle, answers, logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Answers of several lengths as [n, T] tokens (pad-filled) and [n, T, vocab] logits (zero-filled)."""
+    width = max(a.tokens.shape[0] for a in answers)
+    pad = int(bundle.generate_kwargs.get("pad_token_id") or 0)
+    new_tokens = torch.full((len(answers), width), pad, dtype=torch.long)
+    raw = None
+    if logits:
+        raw = torch.zeros((len(answers), width, answers[0].logits.shape[-1]), dtype=torch.float32)
+    for b, a in enumerate(answers):
+        new_tokens[b, : a.tokens.shape[0]] = a.tokens.cpu()
+        if logits:
+            raw[b, : a.logits.shape[0]] = a.logits.cpu()
+    return new_tokens, raw
 
 
 def _gold_answer_stats(bundle, batch, run_one, strategy, key, max_tokens: int) -> list[dict]:
@@ -364,13 +372,184 @@ def _batches(items: list, size: int):
         yield items[i : i + size]
 
 
+# ----------------------------------------------------------------------------------------- a shared prefill
+
+
+class _SharedUnit:
+    """One generate unit's prefill, run once and shared by the full cache and every strategy of the unit
+    (kvpress_mm.shared_prefill): question_aware, the whole prompt; question_agnostic, the context."""
+
+    def __init__(self, bundle: ModelBundle, inputs: dict, device):
+        self.bundle, self.inputs, self.device = bundle, inputs, device
+        self._prefill = None
+        self.seconds = 0.0
+        self.peak_bytes: int | None = None
+
+    @property
+    def prefill(self):
+        if self._prefill is None:
+            from ..shared_prefill import SharedPrefill
+
+            kwargs = {k: v for k, v in self.bundle.generate_kwargs.items() if k in ("pad_token_id", "eos_token_id")}
+            with PeakMemory(self.device) as mem, ForwardTimer(self.bundle.model, self.device) as timer:
+                self._prefill = SharedPrefill(self.bundle.model, self.inputs, **kwargs)
+            self.seconds, self.peak_bytes = timer.prefill_seconds, mem.peak_bytes
+        return self._prefill
+
+    def compress(self, strategy):
+        """(cache, report, seconds) of `strategy` (None: a plain copy of the full cache)."""
+        prefill = self.prefill
+        start = time.perf_counter()
+        if strategy is None:
+            cache, report = prefill.cache_copy(), None
+        else:
+            cache, session = prefill.compress(strategy)
+            report = session.report
+        return cache, report, time.perf_counter() - start
+
+
+def _forced_rest(force, prompt_len: int):
+    """(first forced token [B], a logits processor forcing the rest from the second new token on)."""
+    from transformers import LogitsProcessorList
+
+    if isinstance(force, list):
+        first = torch.stack([row[0] for row in force])
+        rest = ForcedTokens.from_rows([row[1:] for row in force], prompt_len + 1)
+    else:
+        first = force[:, 0]
+        rest = ForcedTokens(force[:, 1:], prompt_len + 1)
+    return first, LogitsProcessorList([rest])
+
+
+def _generate_shared(
+    bundle: ModelBundle, unit: _SharedUnit, strategy, max_new_tokens: int, device, force=None, logits: bool = False
+) -> _Generation:
+    """`_generate` on a shared prefill: the strategy compresses a copy of the unit's full cache, then the
+    answer continues from the shared forward's last logits. prefill_seconds = the shared forward + this
+    strategy's compression; decode = the continuation's generate."""
+    prefill = unit.prefill
+    kwargs = dict(bundle.generate_kwargs)
+    first = None
+    if force is not None:
+        first, kwargs["logits_processor"] = _forced_rest(force, prefill.length)
+    with PeakMemory(device) as mem, ForwardTimer(bundle.model, device) as timer:
+        cache, report, seconds = unit.compress(strategy)
+        tokens, raw = prefill.continue_generate(strategy, cache, max_new_tokens, first, logits, **kwargs)
+    del cache
+    return _Generation(
+        new_tokens=tokens,
+        logits=raw,
+        prefill_seconds=unit.seconds + seconds,
+        decode_seconds=timer.ends[-1] - timer.starts[0] if timer.calls else 0.0,
+        decode_steps=timer.calls,
+        peak_bytes=_max([unit.peak_bytes, mem.peak_bytes]),
+        peak_increase_bytes=mem.increase_bytes,
+        memory_method=mem.method,
+        report=report,
+    )
+
+
+def _ask_shared(
+    bundle: ModelBundle, unit: _SharedUnit, split: SplitSample, strategy, max_new_tokens, device, force, logits, batch
+) -> _Generation:
+    """`_ask` on a shared prefill of the context: the strategy compresses a copy, then asks every question."""
+    import kvpress_mm
+
+    from ..context import CompressedContext
+
+    strategy = strategy if strategy is not None else kvpress_mm.get_strategy("full")
+    forced = None
+    if force is not None:
+        forced = list(force)
+        batch = 1
+    with PeakMemory(device) as mem, ForwardTimer(bundle.model, device) as timer:
+        cache, report, seconds = unit.compress(strategy)
+        context = CompressedContext.of(bundle.model, strategy, cache, unit.prefill.inputs, report)
+        answers = context.ask(
+            split.questions,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch,
+            output_logits=logits,
+            forced=forced,
+            **bundle.generate_kwargs,
+        )
+    new_tokens, raw = _stack_answers(bundle, answers, logits)
+    return _Generation(
+        new_tokens=new_tokens,
+        logits=raw,
+        prefill_seconds=unit.seconds + seconds,
+        decode_seconds=timer.ends[-1] - timer.starts[0] if timer.calls else 0.0,
+        decode_steps=timer.calls,
+        peak_bytes=_max([unit.peak_bytes, mem.peak_bytes]),
+        peak_increase_bytes=mem.increase_bytes,
+        memory_method=mem.method,
+        report=report,
+    )
+
+
 # ----------------------------------------------------------------------------------------- evaluate
 
 
-def evaluate(
+class _Tally:
+    """What one strategy's evaluation has gathered so far (records, sizes, timings, peaks)."""
+
+    def __init__(self, strategy, name: str):
+        self.strategy, self.name = strategy, name
+        self.records: list[dict] = []
+        self.acc = {"kept": 0.0, "before": 0.0, "after": 0.0, "rows": 0}
+        self.times = {
+            "prefill": [],
+            "decode_s": 0.0,
+            "decode_tok": 0,
+            "full_prefill": [],
+            "full_decode_s": 0.0,
+            "full_decode_tok": 0,
+        }
+        self.peaks = {"peak": [], "inc": [], "full_peak": [], "full_inc": []}
+        self.memory_method = "none"
+        self.contexts = 0
+
+    def add(self, done: list[dict], run: _Generation, full: _Generation | None, rows: int, agnostic: bool) -> None:
+        """Count one complete generate unit (an interrupt before this point leaves no trace of it)."""
+        if full is not None:
+            self.times["full_prefill"].append(full.prefill_seconds)
+            self.times["full_decode_s"] += full.decode_seconds
+            self.times["full_decode_tok"] += full.decode_steps * rows
+            self.peaks["full_peak"].append(full.peak_bytes)
+            self.peaks["full_inc"].append(full.peak_increase_bytes)
+        report = run.report
+        kept = report.kept_fraction if report is not None else 1.0
+        self.memory_method = run.memory_method
+        self.times["prefill"].append(run.prefill_seconds)
+        self.times["decode_s"] += run.decode_seconds
+        self.times["decode_tok"] += run.decode_steps * rows
+        self.peaks["peak"].append(run.peak_bytes)
+        self.peaks["inc"].append(run.peak_increase_bytes)
+        # per context: question_agnostic compresses one context for all its questions
+        weight = 1 if agnostic else rows
+        self.acc["kept"] += kept * weight
+        self.acc["before"] += report.before_bytes if report is not None else 0
+        self.acc["after"] += report.after_bytes if report is not None else 0
+        self.acc["rows"] += weight
+        self.contexts += 1 if agnostic else rows
+        self.records.extend(done)
+
+
+def evaluate(bundle: ModelBundle, task: Task | str, strategy, **options) -> RunResult:
+    """Run every sample of `task` with `strategy` (an instance, a registered name, or None = "full") on
+    `bundle`; with compare_full, also with the full cache on the same samples. See the module doc and
+    `evaluate_many` for the options (share_prefill is False here unless asked for: each cache's own prefill)."""
+    options.setdefault("share_prefill", False)
+    try:
+        return evaluate_many(bundle, task, [strategy], **options)[0]
+    except EvaluationInterrupted as stop:
+        raise EvaluationInterrupted(stop.results[0]) from None
+
+
+def evaluate_many(
     bundle: ModelBundle,
     task: Task | str,
-    strategy,
+    strategies: list,
     *,
     batch_size: int = 1,
     compare_full: bool = True,
@@ -378,9 +557,9 @@ def evaluate(
     device=None,
     protocol: str = "question_aware",
     likelihood: bool = False,
-) -> RunResult:
-    """Run every sample of `task` with `strategy` (an instance, a registered name, or None = "full") on
-    `bundle`; with compare_full, also with the full cache on the same samples. See the module doc.
+    share_prefill: bool = True,
+) -> list[RunResult]:
+    """`evaluate` for several strategies on the same samples: one RunResult per strategy, in order.
 
     protocol: "question_aware" (the question inside the compressed prompt) or "question_agnostic" (the
     context compressed alone, then each question asked on a copy; batch_size then batches one sample's
@@ -389,11 +568,20 @@ def evaluate(
     likelihood (generate tasks, bundles with `encode`): also teacher-force each gold answer on both caches
     and record its log-likelihood under each and the mean next-token KL(full || strategy) over its tokens,
     continuous metrics that separate strategies where exact match is 0 or 1 for all (one more generate per
-    batch and cache)."""
+    batch and cache).
+
+    share_prefill: run each batch's prefill once (the full cache's and every strategy's) and let each strategy
+    compress its own copy of that forward's cache (kvpress_mm.shared_prefill): the same answers as separate
+    runs up to float rounding, for a fraction of the time; prefill_seconds is then the shared forward plus the
+    strategy's own compression. False: every cache runs its own generate (timings of a real run)."""
     check_int("evaluate", "batch_size", batch_size, minimum=1)
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
-    task, strategy, strategy_name = _resolve(task, strategy)
+    if not strategies:
+        raise ValueError("evaluate_many needs at least one strategy")
+    resolved = [_resolve(task, s) for s in strategies]
+    task = resolved[0][0]
+    tallies = [_Tally(strategy, name) for _, strategy, name in resolved]
     device = _place(bundle, device)
     fidelity_mode = task.mode == "fidelity"
     run_full = compare_full or fidelity_mode
@@ -401,30 +589,20 @@ def evaluate(
     samples = task.samples()
     t_start = time.perf_counter()
 
-    records: list[dict] = []
-    acc = {"kept": 0.0, "before": 0.0, "after": 0.0, "rows": 0}
-    times = {
-        "prefill": [],
-        "decode_s": 0.0,
-        "decode_tok": 0,
-        "full_prefill": [],
-        "full_decode_s": 0.0,
-        "full_decode_tok": 0,
-    }
-    peaks = {"peak": [], "inc": [], "full_peak": [], "full_inc": []}
-    memory_method = "none"
-
     n_questions = sum(len(s.questions) for s in samples)
-    bar = tqdm(total=n_questions, desc=f"{task.name} | {strategy_name}", unit="question", disable=not progress)
+    label = tallies[0].name if len(tallies) == 1 else f"{len(tallies)} strategies"
+    bar = tqdm(total=n_questions, desc=f"{task.name} | {label}", unit="question", disable=not progress)
     interrupted = False
-    contexts = 0
     try:
         for k, (batch, source) in enumerate(_units(samples, protocol, batch_size)):
             rows = len(batch)
             if source is None:  # question_aware: generate on the whole prompt
                 inputs = bundle.prepare(batch)
+                unit = _SharedUnit(bundle, inputs, device) if share_prefill else None
 
-                def run_one(strategy, new_tokens, force=None, logits=False, inputs=inputs):
+                def run_one(strategy, new_tokens, force=None, logits=False, inputs=inputs, unit=unit):
+                    if unit is not None:
+                        return _generate_shared(bundle, unit, strategy, new_tokens, device, force, logits)
                     return _generate(bundle, inputs, strategy, new_tokens, device, force=force, logits=logits)
 
                 prompt_tokens = (
@@ -434,108 +612,144 @@ def evaluate(
                 )
             else:  # question_agnostic: compress the context, then ask its questions
                 split = split_questions(bundle, source)
+                unit = _SharedUnit(bundle, split.context, device) if share_prefill else None
 
-                def run_one(strategy, new_tokens, force=None, logits=False, split=split):
+                def run_one(strategy, new_tokens, force=None, logits=False, split=split, unit=unit):
+                    if unit is not None:
+                        return _ask_shared(bundle, unit, split, strategy, new_tokens, device, force, logits, batch_size)
                     return _ask(bundle, split, strategy, new_tokens, device, force, logits, batch_size)
 
                 context_len = split.context["input_ids"].shape[1]
                 prompt_tokens = [context_len + len(q) for q in split.questions]
             if k == 0 and WARMUP_NEW_TOKENS:
                 run_one(None, WARMUP_NEW_TOKENS)
-            full = None
+            full, full_len = None, None
+            key = (
+                id(bundle.model),
+                bundle.name,
+                json.dumps(task.config(), sort_keys=True, default=str),
+                batch_size,
+                k,
+                fidelity_mode,
+                protocol,
+            )
             if run_full:
-                key = (
-                    id(bundle.model),
-                    bundle.name,
-                    json.dumps(task.config(), sort_keys=True, default=str),
-                    batch_size,
-                    k,
-                    fidelity_mode,
-                    protocol,
-                )
                 full = _FULL_RUNS.get(key)
                 if full is None:
                     full = run_one(None, task.max_new_tokens, logits=fidelity_mode)
                     _FULL_RUNS[key] = full
                 full_len = _lengths(full.new_tokens, eos)
-            if fidelity_mode:
-                run = run_one(strategy, task.max_new_tokens, force=full.new_tokens, logits=True)
-            else:
-                run = run_one(strategy, task.max_new_tokens)
-            report = run.report
-            kept = report.kept_fraction if report is not None else 1.0
-            done: list[dict] = []  # this batch's sample records (kept only once the whole batch is scored)
-            gold_stats = None
-            if likelihood and not fidelity_mode and bundle.encode is not None and run_full:
-                gold_stats = _gold_answer_stats(bundle, batch, run_one, strategy, key, task.max_new_tokens)
-            if fidelity_mode:
-                reference = _texts(bundle, full.new_tokens, full_len)
-                for b, sample in enumerate(batch):
-                    n = full_len[b]
-                    m = fidelity_metrics(full.logits[b, :n], run.logits[b, :n])
-                    done.append(
-                        {
-                            "id": sample.id,
-                            "prompt_tokens": int(prompt_tokens[b]),
-                            "prediction": _diverged_text(
-                                bundle, full.new_tokens[b], run.logits[b], m["matched_prefix"], n
-                            ),
-                            "full_prediction": reference[b],
-                            "answer": sample.answer,
-                            "score": m["agreement"],
-                            "full_score": 1.0,
-                            **m,
-                            "batch_kept_fraction": kept,
-                            "meta": sample.meta,
-                        }
-                    )
-            else:
-                run_len = _lengths(run.new_tokens, eos)
-                predictions = _texts(bundle, run.new_tokens, run_len)
-                full_predictions = _texts(bundle, full.new_tokens, full_len) if full is not None else [None] * rows
-                for b, sample in enumerate(batch):
-                    done.append(
-                        {
-                            "id": sample.id,
-                            "prompt_tokens": int(prompt_tokens[b]),
-                            "prediction": predictions[b],
-                            "full_prediction": full_predictions[b],
-                            "answer": sample.answer,
-                            "score": task.score(sample, predictions[b]),
-                            "full_score": task.score(sample, full_predictions[b]) if full is not None else None,
-                            "batch_kept_fraction": kept,
-                            "meta": sample.meta,
-                            **(gold_stats[b] if gold_stats else {}),
-                        }
-                    )
-            # the batch is complete: count it (an interrupt before this point leaves no trace of it)
-            if full is not None:
-                times["full_prefill"].append(full.prefill_seconds)
-                times["full_decode_s"] += full.decode_seconds
-                times["full_decode_tok"] += full.decode_steps * rows
-                peaks["full_peak"].append(full.peak_bytes)
-                peaks["full_inc"].append(full.peak_increase_bytes)
-            memory_method = run.memory_method
-            times["prefill"].append(run.prefill_seconds)
-            times["decode_s"] += run.decode_seconds
-            times["decode_tok"] += run.decode_steps * rows
-            peaks["peak"].append(run.peak_bytes)
-            peaks["inc"].append(run.peak_increase_bytes)
-            # per context: question_agnostic compresses one context for all its questions
-            weight = 1 if source is not None else rows
-            acc["kept"] += kept * weight
-            acc["before"] += report.before_bytes if report is not None else 0
-            acc["after"] += report.after_bytes if report is not None else 0
-            acc["rows"] += weight
-            contexts += 1 if source is not None else rows
-            records.extend(done)
+            for tally in tallies:
+                strategy = tally.strategy
+                if fidelity_mode:
+                    run = run_one(strategy, task.max_new_tokens, force=full.new_tokens, logits=True)
+                else:
+                    run = run_one(strategy, task.max_new_tokens)
+                kept = run.report.kept_fraction if run.report is not None else 1.0
+                gold_stats = None
+                if likelihood and not fidelity_mode and bundle.encode is not None and run_full:
+                    gold_stats = _gold_answer_stats(bundle, batch, run_one, strategy, key, task.max_new_tokens)
+                if fidelity_mode:
+                    done = _fidelity_records(bundle, batch, full, run, full_len, prompt_tokens, kept)
+                else:
+                    done = _generate_records(bundle, task, batch, full, run, full_len, eos, prompt_tokens, kept)
+                    if gold_stats:
+                        for record, stats in zip(done, gold_stats):
+                            record.update(stats)
+                tally.add(done, run, full, rows, agnostic=source is not None)
             bar.update(rows)
-            bar.set_postfix(score=f"{mean(r['score'] for r in records):.3f}", kept=f"{acc['kept'] / acc['rows']:.2f}")
+            first = tallies[0]
+            bar.set_postfix(
+                score=f"{mean(r['score'] for r in first.records):.3f}",
+                kept=f"{first.acc['kept'] / first.acc['rows']:.2f}",
+            )
     except KeyboardInterrupt:
-        interrupted = True  # Ctrl-C: the result of the samples finished so far goes out with the interrupt
+        interrupted = True  # Ctrl-C: the results of the samples finished so far go out with the interrupt
     finally:
         bar.close()
 
+    results = [
+        _result(
+            bundle,
+            task,
+            tally,
+            run_full=run_full,
+            protocol=protocol,
+            n_questions=n_questions,
+            n_samples=len(samples),
+            batch_size=batch_size,
+            device=device,
+            wall_seconds=time.perf_counter() - t_start,
+            interrupted=interrupted,
+            shared=share_prefill,
+        )
+        for tally in tallies
+    ]
+    if interrupted:
+        raise EvaluationInterrupted(*results)
+    return results
+
+
+def _fidelity_records(bundle, batch, full, run, full_len, prompt_tokens, kept) -> list[dict]:
+    reference = _texts(bundle, full.new_tokens, full_len)
+    done = []
+    for b, sample in enumerate(batch):
+        n = full_len[b]
+        m = fidelity_metrics(full.logits[b, :n], run.logits[b, :n])
+        done.append(
+            {
+                "id": sample.id,
+                "prompt_tokens": int(prompt_tokens[b]),
+                "prediction": _diverged_text(bundle, full.new_tokens[b], run.logits[b], m["matched_prefix"], n),
+                "full_prediction": reference[b],
+                "answer": sample.answer,
+                "score": m["agreement"],
+                "full_score": 1.0,
+                **m,
+                "batch_kept_fraction": kept,
+                "meta": sample.meta,
+            }
+        )
+    return done
+
+
+def _generate_records(bundle, task, batch, full, run, full_len, eos, prompt_tokens, kept) -> list[dict]:
+    run_len = _lengths(run.new_tokens, eos)
+    predictions = _texts(bundle, run.new_tokens, run_len)
+    full_predictions = _texts(bundle, full.new_tokens, full_len) if full is not None else [None] * len(batch)
+    return [
+        {
+            "id": sample.id,
+            "prompt_tokens": int(prompt_tokens[b]),
+            "prediction": predictions[b],
+            "full_prediction": full_predictions[b],
+            "answer": sample.answer,
+            "score": task.score(sample, predictions[b]),
+            "full_score": task.score(sample, full_predictions[b]) if full is not None else None,
+            "batch_kept_fraction": kept,
+            "meta": sample.meta,
+        }
+        for b, sample in enumerate(batch)
+    ]
+
+
+def _result(
+    bundle,
+    task,
+    tally: _Tally,
+    *,
+    run_full,
+    protocol,
+    n_questions,
+    n_samples,
+    batch_size,
+    device,
+    wall_seconds,
+    interrupted,
+    shared,
+) -> RunResult:
+    records, acc, times, peaks = tally.records, tally.acc, tally.times, tally.peaks
+    fidelity_mode = task.mode == "fidelity"
     n = len(records)
     metrics: dict = {}
     if fidelity_mode:
@@ -557,8 +771,13 @@ def evaluate(
             "question_agnostic: each context was compressed without its question, then every question was "
             "asked on a copy of the compressed cache (the full cache: the same steps, nothing evicted)."
         )
+    if shared:
+        notes.append(
+            "share_prefill: each batch's prefill ran once for every cache; prefill_seconds = that forward + "
+            "this strategy's own compression."
+        )
     if interrupted:
-        unit = "samples" if n_questions == len(samples) else "questions"
+        unit = "samples" if n_questions == n_samples else "questions"
         notes.append(f"interrupted after {len(records)} of {n_questions} {unit}.")
     full_scores = [r["full_score"] for r in records]
     scores = [r["score"] for r in records]
@@ -574,11 +793,12 @@ def evaluate(
         metrics["gold_logprob_drop_ci"] = bootstrap_interval(drop)
         metrics["gold_kl"] = mean(kl)
         metrics["gold_kl_ci"] = bootstrap_interval(kl)
-    result = RunResult(
+    strategy = tally.strategy
+    return RunResult(
         model=bundle.name,
         task=task.name,
-        strategy=strategy_name,
-        score=mean(r["score"] for r in records),
+        strategy=tally.name,
+        score=mean(scores),
         full_score=mean(full_scores) if run_full else None,
         kept_fraction=acc["kept"] / max(1, acc["rows"]),
         kv_bytes_before=acc["before"] / max(1, acc["rows"]),
@@ -592,7 +812,7 @@ def evaluate(
         full_score_ci=score_interval(full_scores) if run_full else None,
         vs_full=paired_comparison(scores, full_scores) if run_full else None,
         protocol=protocol,
-        n_contexts=contexts,
+        n_contexts=tally.contexts,
         notes=" ".join(x for x in notes if x),
         peak_memory_increase_bytes=_max(peaks["inc"]),
         full_prefill_seconds=mean(times["full_prefill"]),
@@ -608,13 +828,10 @@ def evaluate(
         model_info=dict(bundle.info),
         batch_size=batch_size,
         device=str(device),
-        memory_method=memory_method,
-        wall_seconds=time.perf_counter() - t_start,
+        memory_method=tally.memory_method,
+        wall_seconds=wall_seconds,
         interrupted=interrupted,
     )
-    if interrupted:
-        raise EvaluationInterrupted(result)
-    return result
 
 
 def _max(values) -> int | None:
