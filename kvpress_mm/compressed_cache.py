@@ -109,7 +109,9 @@ class CompressedCache(DynamicCache):
     """The DynamicCache a strategy compressed (generate's own cache object, turned into this class in place).
 
     `copy.deepcopy(cache)` or `cache.fork()` gives an independent copy: ask several questions about one
-    compressed context, each on its own copy. `rope_deltas` keeps Qwen-VL's M-RoPE offset of the prompt.
+    compressed context, each on its own copy. `rope_deltas` [B, 1] keeps Qwen-VL's M-RoPE offset of the
+    prompt: inside a strategy context a call continuing the cache reads it instead of the model's (hooks.py,
+    RopeOffset); it follows the cache's rows (repeat, select, reorder).
     """
 
     attended = False  # True while a strategy context is reading this cache (it builds per-layer masks)
@@ -120,6 +122,24 @@ class CompressedCache(DynamicCache):
     def fork(self) -> CompressedCache:
         """An independent copy (tensors copied), e.g. one per question about a shared context."""
         return copy.deepcopy(self)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_offset(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_offset(lambda t: t[indices.to(t.device)])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_offset(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def _map_offset(self, fn) -> None:
+        """Apply a row operation to rope_deltas when it has one row per cache row (one row: shared by all)."""
+        deltas = self.rope_deltas
+        if isinstance(deltas, torch.Tensor) and deltas.shape[0] > 1:
+            self.rope_deltas = fn(deltas)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         if self.compacted and not self.attended and not self.plain:

@@ -84,3 +84,34 @@ def test_bad_arguments_are_named():
     batch = t.make_inputs([[("text", 9)], [("text", 7)]])
     with pytest.raises(ValueError, match=r"shape \[1, L\]; got \(2, 9\)"):
         kvpress_mm.compress_context(t.model, strategy, batch)
+
+
+def test_gemma3_batches_questions_of_one_length():
+    """Sliding-window layers: questions of one length share a generate call (rows of one cache copy each),
+    a question of another length gets its own; the answers equal the questions asked one at a time."""
+    t, inputs, strategy, context, _ = _setup("gemma3")
+    questions = [turn_ids(t, 1, n, seed=60 + i)[0] for i, n in enumerate((6, 6, 4, 6))]
+    fed = []
+    handle = t.model.register_forward_pre_hook(lambda m, a, kw: fed.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        batched = context.ask(questions, max_new_tokens=2, output_logits=True)
+    finally:
+        handle.remove()
+    assert fed == [torch.Size([3, 6]), torch.Size([3, 1]), torch.Size([1, 4]), torch.Size([1, 1])]
+    single = context.ask(questions, max_new_tokens=2, batch_size=1, output_logits=True)
+    for a, b in zip(batched, single):
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=0)
+        assert torch.equal(a.tokens, b.tokens)
+
+
+def test_a_context_keeps_its_m_rope_offset_when_another_was_compressed_since():
+    """Qwen-VL keeps the last prompt's M-RoPE offset on the model: asking context A again after compressing
+    B (another image layout, another offset) gives A's first answers (A's cache brings its own offset)."""
+    t, inputs, strategy, context, questions = _setup("qwen2_vl")
+    first = context.ask(questions[:2], max_new_tokens=3, output_logits=True)
+    other = kvpress_mm.compress_context(t.model, strategy, t.make_inputs([[("image",), ("text", 30)]], seed=3))
+    assert not torch.equal(other.cache.rope_deltas, context.cache.rope_deltas)
+    again = context.ask(questions[:2], max_new_tokens=3, output_logits=True)
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+        assert torch.equal(a.tokens, b.tokens)
