@@ -131,22 +131,27 @@ def _json_default(obj):
     return repr(obj)
 
 
-def comparison_rows(record: dict) -> list[dict]:
-    """The strategy row and, when the run compared, the full-cache row (score, kept, KV MiB, speed)."""
-    m = record["metrics"]
+def comparison_rows(*records: dict) -> list[dict]:
+    """A row per run's strategy (score, kept, KV MiB, speed) and, when the runs compared, one full-cache row
+    (the runs of one command share their samples and their full cache)."""
+    rows = []
+    for record in records:
+        m = record["metrics"]
+        rows.append(
+            {
+                "run": strategy_label(record)
+                + (f" @ {_budget_text(record['config']['strategy'])}" if len(records) > 1 else ""),
+                "score": m.get("score"),
+                "score_ci": interval_text(m.get("score_ci")),
+                "kept": m.get("kept_fraction"),
+                "kv_mib_before": _mib(m.get("kv_bytes_before")),
+                "kv_mib_after": _mib(m.get("kv_bytes_after")),
+                "prefill_s": m.get("prefill_seconds"),
+                "decode_tok_s": m.get("decode_tokens_per_second"),
+            }
+        )
+    m = records[0]["metrics"]
     before = m.get("kv_bytes_before")
-    rows = [
-        {
-            "run": strategy_label(record),
-            "score": m.get("score"),
-            "score_ci": interval_text(m.get("score_ci")),
-            "kept": m.get("kept_fraction"),
-            "kv_mib_before": _mib(before),
-            "kv_mib_after": _mib(m.get("kv_bytes_after")),
-            "prefill_s": m.get("prefill_seconds"),
-            "decode_tok_s": m.get("decode_tokens_per_second"),
-        }
-    ]
     full = m.get("full") if isinstance(m.get("full"), dict) else {}
     if m.get("full_score") is not None or full:
 
@@ -170,23 +175,28 @@ def comparison_rows(record: dict) -> list[dict]:
     return rows
 
 
-def comparison_table(record: dict) -> str:
-    """A Markdown table of comparison_rows, with the run's model / task / budget as a caption."""
+def comparison_table(*records: dict) -> str:
+    """A Markdown table of comparison_rows, with the runs' model / task / budget as a caption and a line per
+    strategy saying what its numbers mean."""
+    record = records[0]
     cfg = record.get("config", {})
+    budgets = sorted({_budget_text(r.get("config", {}).get("strategy", {})) for r in records})
     caption = (
         f"model={record.get('choices', {}).get('model', _get(cfg, 'model.name'))} "
         f"task={_get(cfg, 'task.name')} protocol={record['metrics'].get('protocol', 'question_aware')} "
         f"n_samples={record['metrics'].get('n_samples')} "
-        f"budget={_budget_text(cfg.get('strategy', {}))}"
+        f"budget={', '.join(budgets)}"
     )
     headers = ["run", "score", "95% CI", "kept", "KV MiB before", "KV MiB after", "prefill s", "decode tok/s"]
     keys = ["run", "score", "score_ci", "kept", "kv_mib_before", "kv_mib_after", "prefill_s", "decode_tok_s"]
-    body = [[_fmt(row[k]) for k in keys] for row in comparison_rows(record)]
-    return caption + "\n\n" + _markdown(headers, body) + _meaning(record)
+    body = [[_fmt(row[k]) for k in keys] for row in comparison_rows(*records)]
+    lines = [_meaning(r, strategy_label(r) if len(records) > 1 else "The strategy") for r in records]
+    text = "".join(f"\n{line}" for line in lines if line)
+    return caption + "\n\n" + _markdown(headers, body) + ("\n" + text if text else "")
 
 
-def _meaning(record: dict) -> str:
-    """One line saying what the table means: the memory saved and whether the score differs from the full
+def _meaning(record: dict, who: str = "The strategy") -> str:
+    """One line saying what the numbers mean: the memory saved and whether the score differs from the full
     cache's on the same samples."""
     m = record["metrics"]
     before, after = m.get("kv_bytes_before"), m.get("kv_bytes_after")
@@ -202,7 +212,7 @@ def _meaning(record: dict) -> str:
         else f"is not distinguishable from the full cache's on these {cmp['n']} samples (difference "
         f"{cmp['diff']:+.2f}" + (f", p={cmp['p']:.2g}" if cmp.get("p") is not None else "") + ")"
     )
-    return f"\n\nThe strategy keeps {1 - saved:.0%} of the KV bytes ({saved:.0%} saved); its score {verdict}."
+    return f"{who} keeps {1 - saved:.0%} of the KV bytes ({saved:.0%} saved); its score {verdict}."
 
 
 # ============================================================================ a sweep

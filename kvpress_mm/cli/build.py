@@ -14,6 +14,7 @@ import re
 from omegaconf import DictConfig, OmegaConf
 
 from ..registry import list_strategies, strategy_class
+from ..validate import is_number
 from .errors import ConfigError
 from .schema import init_fields
 
@@ -58,6 +59,37 @@ def build_strategy(node: DictConfig | dict):
         return cls(**{**defaults, **data})
     except (ValueError, TypeError) as err:
         raise ConfigError(_field_key("strategy", str(err), fields, data), str(err)) from None
+
+
+def strategy_points(cfg: DictConfig) -> list[tuple[dict, object, bool]]:
+    """(config node, strategy, is it the command line's strategy?) of every strategy the run evaluates:
+    `strategy`, then each of `also` (at strategy.budget), each at every budget of `budgets` if any."""
+    main = _as_dict(cfg.strategy)
+    nodes = [(main, True)]
+    for name in cfg.get("also") or []:
+        if name not in list_strategies():
+            raise ConfigError("also", f"unknown strategy {name!r}; choose from: {', '.join(list_strategies())}")
+        node = {"name": name}
+        if name != "full":
+            budget_key = "budget_tokens" if main.get("budget_tokens") is not None else "budget"
+            if main.get(budget_key) is not None:
+                node[budget_key] = main[budget_key]
+        nodes.append((node, False))
+    budgets = list(cfg.get("budgets") or [])
+    for b in budgets:
+        if not is_number(b) or not 0 < b <= 1:
+            raise ConfigError("budgets", f"each budget must be a number in (0, 1], got {b!r}")
+    if budgets:
+        nodes = [
+            (point, is_main)
+            for node, is_main in nodes
+            for point in (
+                [node]
+                if node.get("name") == "full"
+                else [{**{k: v for k, v in node.items() if k != "budget_tokens"}, "budget": b} for b in budgets]
+            )
+        ]
+    return [(node, build_strategy(node), is_main) for node, is_main in nodes]
 
 
 def build_task(node: DictConfig | dict):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -74,6 +74,14 @@ class EvalConfig:
     # generate tasks: also teacher-force the gold answer on both caches (its log-likelihood and the KL to the
     # full cache over its tokens); one more generate per batch and cache, so off unless asked for
     likelihood: bool = False
+    # more registered strategies evaluated on the same samples, each at strategy.budget (or at every one of
+    # `budgets`): one table, one prefill per batch for all of them when share_prefill is on
+    also: list[str] = field(default_factory=list)
+    # evaluate the strategy (and those of `also`) at each of these budgets in this one run (empty: strategy.budget)
+    budgets: list[float] = field(default_factory=list)
+    # one prefill per batch for the full cache and every strategy of the run, each compressing its own copy
+    # (the same answers as separate runs up to float rounding); false: each runs its own generate (timings)
+    share_prefill: bool = True
 
 
 @dataclass

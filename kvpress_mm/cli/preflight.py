@@ -22,7 +22,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from ..devices import device_problem
 from ..validate import is_int
-from .build import ConfigError, build_strategy, build_task, model_call
+from .build import ConfigError, build_task, model_call, strategy_points
 from .config import CONFIG_MODULE
 from .errors import one_line as _one_line
 
@@ -64,7 +64,7 @@ def check_output_dirs(config_name: str, overrides: list[str], multirun: bool, co
 def check_config(cfg: DictConfig) -> None:
     """Build what a job would build (without loading the model): raise ConfigError on a bad value."""
     _check_no_missing(cfg)
-    build_strategy(cfg.strategy)
+    strategy_points(cfg)  # the strategy, each of `also`, at each of `budgets`
     build_task(cfg.task)
     model_call(cfg.model)
     check_run_options(cfg)

@@ -20,9 +20,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ..results import comparison_table, run_record, write_json
+from ..results import comparison_table, run_record, strategy_label, write_json, write_sweep_summary
 from . import errors
-from .build import ConfigError, build_strategy, build_task, model_call
+from .build import ConfigError, build_task, model_call, strategy_points
 from .preflight import check_result_file, check_run_options
 
 TRACEBACK_FILE = "error.txt"  # next to a failed sweep point's result.json
@@ -58,7 +58,7 @@ def _load_once(load_model, name: str, options: dict):
 
 
 def _run_eval(cfg: DictConfig) -> dict:
-    from kvpress_mm.eval import evaluate, load_model
+    from kvpress_mm.eval import evaluate_many, load_model
     from kvpress_mm.eval.runner import EvaluationInterrupted
 
     started = time.perf_counter()
@@ -66,7 +66,7 @@ def _run_eval(cfg: DictConfig) -> dict:
     output_dir = Path(hydra_cfg.runtime.output_dir)
     # everything a job can check before its model loads (again: another sweeper's points skip the preflight)
     check_run_options(cfg)
-    strategy = build_strategy(cfg.strategy)
+    points = strategy_points(cfg)
     task = build_task(cfg.task)
     model_name, options = model_call(cfg.model)
     check_result_file(output_dir, cfg.result_file)
@@ -79,54 +79,79 @@ def _run_eval(cfg: DictConfig) -> dict:
     except (ValueError, TypeError) as err:
         raise ConfigError("model", str(err)) from None
     loaded = time.perf_counter()
-    try:  # what a strategy checks against the model (its family, a head profile) fails here in one line
-        with strategy(bundle.model):
-            pass
-    except ValueError as err:
-        raise ConfigError("strategy", str(err)) from None
+    for _, strategy, _ in points:  # what a strategy checks against the model (its family, a head profile): one line
+        try:
+            with strategy(bundle.model):
+                pass
+        except ValueError as err:
+            raise ConfigError("strategy", str(err)) from None
     try:
-        result, interrupted = (
-            evaluate(
+        results, interrupted = (
+            evaluate_many(
                 bundle,
                 task,
-                strategy,
+                [strategy for _, strategy, _ in points],
                 batch_size=cfg.batch_size,
                 compare_full=cfg.compare_full,
                 progress=cfg.progress,
                 device=cfg.device,
                 protocol=cfg.protocol,
                 likelihood=cfg.likelihood,
+                share_prefill=cfg.share_prefill,
             ),
             None,
         )
     except EvaluationInterrupted as stop:
-        result, interrupted = stop.result, stop
+        results, interrupted = stop.results, stop
     done = time.perf_counter()
 
-    record = run_record(
-        config=OmegaConf.to_container(cfg, resolve=True),
-        choices=_choices(hydra_cfg),
-        overrides=list(hydra_cfg.overrides.task),
-        metrics=result.to_dict(),
-        timings={
-            "load_model_seconds": loaded - started,
-            "evaluate_seconds": done - loaded,
-            "total_seconds": done - started,
-        },
-        device=cfg.device or _device_of(bundle),
-        job=_job(hydra_cfg),
-    )
-    record["status"] = "interrupted" if interrupted else "ok"
-    record["interrupted"] = interrupted is not None
-    path = write_json(output_dir / cfg.result_file, record)
+    records = []
+    for (node, _, is_main), result in zip(points, results):
+        config = OmegaConf.to_container(cfg, resolve=True)
+        config["strategy"] = node
+        record = run_record(
+            config=config,
+            choices={**_choices(hydra_cfg), "strategy": node.get("name") or _choices(hydra_cfg).get("strategy")},
+            overrides=_point_overrides(hydra_cfg, is_main),
+            metrics=result.to_dict(),
+            timings={
+                "load_model_seconds": loaded - started,
+                "evaluate_seconds": done - loaded,
+                "total_seconds": done - started,
+            },
+            device=cfg.device or _device_of(bundle),
+            job=_job(hydra_cfg),
+        )
+        record["status"] = "interrupted" if interrupted else "ok"
+        record["interrupted"] = interrupted is not None
+        records.append(record)
+    if len(records) == 1:
+        path = write_json(output_dir / cfg.result_file, records[0])
+    else:  # one record per point, in its own folder; the run's folder gets the summary of them all
+        for record in records:
+            write_json(output_dir / _point_dir(record) / cfg.result_file, record)
+        path = write_sweep_summary(output_dir, cfg.result_file)["csv"]
     if interrupted is not None:
         if hydra_cfg.mode == RunMode.RUN:
             errors.results_in(path.parent)
         raise interrupted  # cli.main turns it into one line and exit 130
     if cfg.print_table and hydra_cfg.mode == RunMode.RUN:
-        print("\n" + comparison_table(record), flush=True)
+        print("\n" + comparison_table(*records), flush=True)
         print(f"\nresult: {path}", flush=True)
-    return record
+    return records[0]
+
+
+def _point_overrides(hydra_cfg: DictConfig, main: bool) -> list[str]:
+    """The command line's overrides as they concern one point: strategy.* fields only for the main strategy."""
+    overrides = list(hydra_cfg.overrides.task)
+    return [o for o in overrides if main or not o.lstrip("+~").startswith("strategy.")]
+
+
+def _point_dir(record: dict) -> str:
+    label = strategy_label(record).replace("/", "_")
+    budget = record["config"]["strategy"].get("budget")
+    tokens = record["config"]["strategy"].get("budget_tokens")
+    return f"{label}@{tokens}tok" if tokens is not None else f"{label}@{budget}"
 
 
 def failed_point(cfg: DictConfig, hydra_cfg: DictConfig, err: BaseException) -> dict:
