@@ -9,6 +9,7 @@ import importlib.util
 
 import pytest
 import torch
+from conversation import HeldRecorder, HeldReference, follow_up, generate
 
 import kvpress_mm
 from kvpress_mm.eval import evaluate, get_task, load_model
@@ -54,3 +55,28 @@ def test_text_needle_full_cache_answers(mini, monkeypatch):
     assert r.kept_fraction == pytest.approx(0.3, abs=0.01) and r.kv_bytes_after < 0.35 * r.kv_bytes_before
     assert r.prefill_seconds > 0 and r.decode_tokens_per_second > 0
     assert "UNTRAINED" in r.notes or "projector loaded" in r.notes
+
+
+def test_three_turns_on_the_real_decoder_equal_the_masked_reference(mini):
+    """README's claim: on mini_llava's SmolLM2-135M decoder, an image+text prompt (three images, ~1.8k tokens)
+    compressed by streaming_llm at 0.5, then two follow-up turns the usual transformers way: every turn's logits
+    stay within 1e-4 of the masked reference (the uncompressed history, evicted positions masked out)."""
+    steps = 2
+    inputs = mini.prepare(get_task("text_needle", n_samples=1, seed=0).samples())
+    assert 1500 < inputs["input_ids"].shape[1] < 2100
+    follow_ups = [" Say it again, please.", " And once more, in capitals."]
+    strategy = kvpress_mm.get_strategy("streaming_llm", budget=0.5)
+    history, got, cache, seq = [inputs], [], None, None
+    with torch.no_grad(), HeldRecorder(mini.model) as rec, strategy(mini.model):
+        for k in range(3):
+            if k:
+                ids = torch.tensor([mini.encode(follow_ups[k - 1])], device=seq.device)
+                history.append(follow_up(history[-1], seq, ids))
+            seq, logits, cache = generate(mini.model, history[-1], steps, cache=cache)
+            got.append(logits)
+    assert cache.compacted and cache.get_seq_length() == history[-1]["input_ids"].shape[1] + steps - 1
+    ref_cache = None
+    with torch.no_grad(), HeldReference(mini.model, rec.held):
+        for k, cur in enumerate(history):
+            _, ref, ref_cache = generate(mini.model, cur, steps, cache=ref_cache)
+            torch.testing.assert_close(got[k], ref, atol=1e-4, rtol=0, msg=lambda m, k=k: f"turn {k + 1}: {m}")

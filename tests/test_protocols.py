@@ -9,6 +9,7 @@ import torch
 import kvpress_mm
 from kvpress_mm.cli import main
 from kvpress_mm.eval import evaluate, get_task, load_model
+from kvpress_mm.eval import runner as runner_mod
 from kvpress_mm.eval.protocol import split_questions
 
 FAMILIES = ["tiny_llava", "tiny_qwen2_vl", "tiny_gemma3", "tiny_llama"]
@@ -33,23 +34,56 @@ def test_context_plus_question_is_the_question_aware_prompt(bundles, name):
     assert split.context["input_ids"].shape[1] < bundle.prepare([sample])["input_ids"].shape[1] - 3
 
 
-@pytest.mark.parametrize("name", ["tiny_llava", "tiny_qwen2_vl"])
-def test_question_agnostic_equals_the_steps_done_by_hand(bundles, name):
+def _trimmed(tokens: torch.Tensor, eos: set[int]) -> list[int]:
+    """The ids up to and including the first eos (what a model really generated)."""
+    ids = tokens.tolist()
+    ends = [i for i, t in enumerate(ids) if t in eos]
+    return ids[: ends[0] + 1] if ends else ids
+
+
+AGNOSTIC_TASKS = {
+    "text_needle": dict(n_samples=2, context_tokens=150, num_questions=2, max_new_tokens=5),
+    "image_lookup": dict(n_samples=2, num_images=2, context_tokens=40, num_questions=2, max_new_tokens=5),
+}
+
+
+@pytest.mark.parametrize(
+    "name,task_name",
+    [("tiny_llava", "text_needle"), ("tiny_qwen2_vl", "text_needle"), ("tiny_qwen2_vl", "image_lookup")],
+)
+def test_question_agnostic_equals_the_steps_done_by_hand(bundles, name, task_name, monkeypatch):
     bundle = bundles[name]
-    task = get_task("text_needle", n_samples=2, context_tokens=150, num_questions=2, max_new_tokens=5)
+    task = get_task(task_name, **AGNOSTIC_TASKS[task_name])
     strategy = kvpress_mm.get_strategy("snapkv", budget=0.3)
+    ask = runner_mod._ask
+    generated = []  # the strategy's answer ids per question, as the runner got them
+
+    def spy_ask(*args, **kwargs):
+        run = ask(*args, **kwargs)
+        if (args[2] if len(args) > 2 else kwargs.get("strategy")) is strategy:
+            generated.extend(run.new_tokens)
+        return run
+
+    monkeypatch.setattr(runner_mod, "_ask", spy_ask)
     result = evaluate(bundle, task, strategy, protocol="question_agnostic", progress=False)
     assert result.protocol == "question_agnostic"
     assert result.n_samples == 4 and result.n_contexts == 2
-    by_hand = []
+    by_hand, by_hand_ids = [], []
     for sample in task.samples():
         split = split_questions(bundle, sample)
+        assert len(split.questions) == 2
         context = kvpress_mm.compress_context(bundle.model, strategy, split.context)
         answers = context.ask(split.questions, max_new_tokens=5, **bundle.generate_kwargs)
         by_hand += [bundle.decode(a.tokens[None])[0] for a in answers]
+        by_hand_ids += [a.tokens for a in answers]
     # the runner trims at the first eos; the tiny models' random answers rarely hit one
     got = [r["prediction"] for r in result.samples]
     assert [g for g in got] == [h[: len(g)] for g, h in zip(got, by_hand)]
+    # the same ids, each trimmed at its first eos; the records' predictions are those ids
+    eos = runner_mod._eos_ids(bundle)
+    assert len(generated) == len(by_hand_ids) == 4
+    assert [_trimmed(g, eos) for g in generated] == [_trimmed(h, eos) for h in by_hand_ids]
+    assert got == [bundle.decode(torch.tensor([_trimmed(g, eos)]))[0] for g in generated]
     assert [r["id"] for r in result.samples][:2] == [task.samples()[0].id, task.samples()[0].id + "/q1"]
 
 
