@@ -80,8 +80,8 @@ class RopeOffset:
     its own. So after another conversation ran on the model, a follow-up turn would get that one's offset.
     While installed, a call (generate's position ids, a forward) that continues a CompressedCache carrying
     `rope_deltas` (the session keeps its first prompt's there) has the model's offset set to the cache's and
-    restored afterwards: continuing a cache leaves the model as it was. If such a call computes a new offset
-    (a later turn with new images), the cache keeps it. Other calls are left to the model.
+    restored afterwards: continuing a cache leaves the model as it was. Other calls (a first prompt, a plain
+    DynamicCache) are left to the model.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -106,7 +106,6 @@ class RopeOffset:
                 try:
                     return original(inputs_tensor, model_kwargs)
                 finally:
-                    self._keep_new_offset(cache)
                     self.owner.rope_deltas = saved
 
             # an instance attribute (this model only), removed on exit
@@ -144,11 +143,6 @@ class RopeOffset:
         self.owner.rope_deltas = cache.rope_deltas
         return saved
 
-    def _keep_new_offset(self, cache) -> None:
-        current = self.owner.rope_deltas
-        if isinstance(current, torch.Tensor) and current is not cache.rope_deltas:
-            cache.rope_deltas = current
-
     def _before_forward(self, module, args, kwargs) -> None:
         cache = _cache_from(kwargs)
         if self._offset(cache) is None:
@@ -161,7 +155,6 @@ class RopeOffset:
             return
         swapped, saved = self._saved.pop()
         if swapped:
-            self._keep_new_offset(_cache_from(kwargs))
             self.owner.rope_deltas = saved
 
 
