@@ -48,6 +48,11 @@ _SLIDING_LOGGED: set[int] = set()
 __all__ = ["CompressionSession", "SUPPORTED_BACKENDS"]
 
 
+def _no_output(*args, **kwargs):
+    """An attention function for a replayed prompt whose output is already known (compress_prefilled)."""
+    return None, None
+
+
 def _cache_from(kwargs: dict):
     for name in ("cache", "past_key_values", "past_key_value"):
         if kwargs.get(name) is not None:
@@ -346,9 +351,9 @@ class CompressionSession:
             for idx in sorted(self.attention_modules):
                 call, layer = prefill.calls.get(idx), cache.layers[idx]
                 if call is not None and idx in self.managed:
-                    self.attention(
-                        call.base, call.module, call.query, layer.keys, layer.values, call.mask, **call.kwargs
-                    )
+                    # the forward's output is known: only eager statistics need the model's attention again
+                    base = call.base if self.backend == "eager" else _no_output
+                    self.attention(base, call.module, call.query, layer.keys, layer.values, call.mask, **call.kwargs)
                 self._after_attention(self.attention_modules[idx], (), {"past_key_values": cache}, None)
             self._after_forward(self.model, (), {}, cache)  # a replay strategy's rounds run here
 
