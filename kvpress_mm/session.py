@@ -119,9 +119,12 @@ class CompressionSession:
         self._active = True
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self.hooks.remove(self)
-        self._end_forward()
+        if exc_type is None:
+            self._end_forward()
+        else:  # raised mid-forward (plan, Ctrl-C): the cache may be half compacted; let the error through
+            self._drop_forward()
         self._round = None
         self._prompt_inputs = None
         self.prompt = None
@@ -184,7 +187,10 @@ class CompressionSession:
                 self._replay()
         finally:
             self._prompt_inputs = None
-            self._end_forward()
+            if output is None:  # the forward raised (torch still calls this hook): see _drop_forward
+                self._drop_forward()
+            else:
+                self._end_forward()
 
     def _end_forward(self) -> None:
         if isinstance(self.cache, CompressedCache):
@@ -192,6 +198,15 @@ class CompressionSession:
                 self.cache.refresh_layout(self.managed)
             self.cache.attended = False
         self._layout_changed = False
+
+    def _drop_forward(self) -> None:
+        """The forward's end after an exception: its later layers may still be plain, so the layout is not
+        refreshed (that would raise an error of its own and hide the real one); the forward's state is dropped."""
+        if isinstance(self.cache, CompressedCache):
+            self.cache.attended = False
+        self._layout_changed = False
+        self.pending.clear()
+        self.deferred.clear()
 
     def _holds_layout(self, cache) -> bool:
         layers = cache.layers

@@ -9,6 +9,7 @@ from transformers import DynamicCache, StaticCache
 
 import kvpress_mm
 from kvpress_mm.layer import Plan
+from kvpress_mm.selection import last_tokens
 from kvpress_mm.strategy import EvictionStrategy
 
 
@@ -71,15 +72,19 @@ def test_the_model_is_unchanged_after_a_refusal():
 
 @dataclass
 class _BadShapes(EvictionStrategy):
-    """Keeps the first half but returns replacement keys/values of the wrong length."""
+    """Keeps the first half but returns replacement keys/values of the wrong length (at every layer, or only
+    at layer `only_layer`; the others get a good plan)."""
 
     what: str = "keys"
+    only_layer: int | None = None
 
     def plan(self, layer):
         keep = layer.valid[:, None, :].clone()
         keep[..., layer.length // 2 :] = False
         keep &= layer.valid[:, None, :]
         keep[..., -1] = layer.valid[:, -1:]  # every row keeps its last real token
+        if self.only_layer is not None and layer.layer_idx != self.only_layer:
+            return Plan(keep=last_tokens(layer, layer.keep_count)[:, None, :])
         wrong = layer.keys[:, :, :-1]
         return Plan(keep=keep, **{self.what: wrong})
 
@@ -98,3 +103,48 @@ def test_plan_with_wrong_state_shape_names_strategy_and_shapes(what):
     b, length = inputs["input_ids"].shape
     assert f"_BadShapes.plan returned {what} of shape" in message
     assert f"{length - 1}" in message and f"{length}, 16)" in message
+
+
+@pytest.mark.parametrize("what", ["keys", "values"])
+def test_plan_with_wrong_state_shape_at_a_later_layer_names_strategy_and_shapes(what):
+    """A bad plan at layer 1, after layer 0 was compacted: the ValueError itself, not an error of the
+    half-compacted cache hiding it when the context exits."""
+    t = tiny("llama")
+    assert t.model.config.num_hidden_layers > 1
+    inputs = t.make_inputs(rows_for(t))
+    with pytest.raises(ValueError) as err:
+        with _BadShapes(budget=0.5, what=what, only_layer=1)(t.model):
+            t.model(**inputs, use_cache=True)
+    message = str(err.value)
+    length = inputs["input_ids"].shape[1]
+    assert f"_BadShapes.plan returned {what} of shape" in message
+    assert f"{length - 1}" in message and f"{length}, 16)" in message
+    assert not t.model._forward_hooks and not t.model._forward_pre_hooks
+
+
+@dataclass
+class _RaisesAtLayer1(EvictionStrategy):
+    """Keeps the last tokens at layer 0; raises `error` in plan at layer 1."""
+
+    error: str = "runtime"
+
+    def plan(self, layer):
+        if layer.layer_idx == 1:
+            if self.error == "interrupt":
+                raise KeyboardInterrupt
+            raise RuntimeError("boom at layer 1")
+        return Plan(keep=last_tokens(layer, layer.keep_count)[:, None, :])
+
+
+def test_an_error_raised_in_plan_at_a_later_layer_surfaces_as_itself():
+    t = tiny("llama")
+    inputs = t.make_inputs(rows_for(t))
+    with pytest.raises(RuntimeError, match="boom at layer 1"):
+        with _RaisesAtLayer1(budget=0.5)(t.model):
+            generate(t.model, inputs, steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        with _RaisesAtLayer1(budget=0.5, error="interrupt")(t.model):
+            generate(t.model, inputs, steps=2)
+    assert not t.model._forward_hooks and not t.model._forward_pre_hooks
+    with kvpress_mm.get_strategy("snapkv", budget=0.5)(t.model):  # the model works in a new context
+        generate(t.model, inputs, steps=2)

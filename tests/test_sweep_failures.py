@@ -44,6 +44,23 @@ class Trips(EvictionStrategy):
                 raise KeyboardInterrupt
             raise RuntimeError("tripped at budget 0.5\\n(a second line of the message)")
         return Plan(keep=last_tokens(layer, layer.keep_count)[:, None, :])
+
+
+LAYER1_PLANS = []
+
+
+@dataclass
+class StopsAtLayer1(EvictionStrategy):
+    """Keeps the last tokens; a Ctrl-C in plan at layer 1 (after layer 0 was compacted) of prompt `stop_at`."""
+
+    stop_at: int = 3
+
+    def plan(self, layer):
+        if layer.layer_idx == 1:
+            LAYER1_PLANS.append(layer.length)
+            if len(LAYER1_PLANS) == self.stop_at:
+                raise KeyboardInterrupt
+        return Plan(keep=last_tokens(layer, layer.keep_count)[:, None, :])
 '''
 TARGET = "strategy._target_=kvmm_sweep_plugin.Trips"
 
@@ -161,6 +178,21 @@ def test_interrupted_run_saves_the_samples_finished_so_far(tmp_path, capsys, mon
     m = record["metrics"]
     assert m["n_samples"] == 2 and len(m["samples"]) == 2 and m["interrupted"] is True
     assert m["score"] is not None and 0 < m["kept_fraction"] < 1
+    assert "interrupted after 2 of 5 samples" in m["notes"]
+
+
+def test_interrupt_in_plan_at_a_later_layer_saves_the_samples_finished_so_far(tmp_path, capsys):
+    """Ctrl-C inside a strategy's plan at layer 1 of the third sample (layer 0 already compacted): exit 130
+    with the two finished samples saved, not a traceback of the half-compacted cache."""
+    args = [*TINY[:2], "task.n_samples=5", *TINY[3:], "strategy._target_=kvmm_sweep_plugin.StopsAtLayer1"]
+    code, out, err = run_cli([*args, "hydra.run.dir=run"], capsys)
+    assert code == 130
+    assert err.strip().splitlines() == [f"kvpress-mm: interrupted; results so far in {tmp_path / 'run'}"]
+    assert len(sys.modules["kvmm_sweep_plugin"].LAYER1_PLANS) == 3
+    record = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert record["interrupted"] is True and record["status"] == "interrupted"
+    m = record["metrics"]
+    assert m["n_samples"] == 2 and len(m["samples"]) == 2 and m["interrupted"] is True
     assert "interrupted after 2 of 5 samples" in m["notes"]
 
 
