@@ -151,6 +151,35 @@ def test_unwritable_result_file_fails_before_the_evaluation(a_file, capsys, tmp_
     assert not (tmp_path / "multirun").exists()
 
 
+@pytest.mark.parametrize("result_file", ["{tmp}/abs.json", "ok.json,{tmp}/abs.json", "../up.json"])
+def test_a_sweeps_result_file_outside_its_points_is_one_line(result_file, capsys, tmp_path, no_model):
+    """In a sweep every point writes its result_file in its own directory: an absolute one (or one leading out)
+    would be one file for all points, and the summary could not collect them."""
+    value = result_file.format(tmp=tmp_path)
+    line = one_error_line(["-m", *TINY, "strategy.budget=0.1,0.2", f"result_file={value}"], capsys, "result_file")
+    assert "multirun (-m)" in line and "every point would write the same file" in line and "result.json" in line
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "abs.json").exists()
+
+
+def test_a_sweeps_relative_result_file_that_cannot_be_written_is_one_line(a_file, capsys, tmp_path, no_model):
+    (tmp_path / "sw" / "0").mkdir(parents=True)
+    (tmp_path / "sw" / "0" / "blocked").write_text("a file\n")
+    args = ["-m", *TINY, "result_file=ok.json,blocked/r.json", "hydra.sweep.dir=sw"]
+    line = one_error_line(args, capsys, "result_file")
+    assert "is a file, not a directory" in line and "blocked" in line
+
+
+def test_a_single_run_with_an_absolute_result_file_writes_it_and_no_sweep_summary(capsys, tmp_path):
+    """The sweep callback does nothing in a single run (it warned that a sweep summary was not refreshed)."""
+    target = tmp_path / "elsewhere" / "abs.json"
+    code, out, err = run_cli([*TINY, f"result_file={target}", "hydra.run.dir=run"], capsys)
+    assert code == 0, err
+    assert json.loads(target.read_text())["status"] == "ok"
+    log = (tmp_path / "run" / "kvpress-mm.log").read_text()
+    assert "sweep summary" not in log and "sweep summary" not in err, log
+    assert not (tmp_path / "multirun").exists()
+
+
 @pytest.mark.parametrize(
     "args, key",
     [

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import errors
 
@@ -37,6 +37,8 @@ class SweepResults(Callback):
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
 
+        if not _in_sweep(config):  # a single run has no sweep summary (Hydra calls this for it too)
+            return
         if job_return.status == JobStatus.FAILED:  # raised past the job function (eval's marks itself)
             self._mark_failed(config, job_return)
         try:
@@ -86,6 +88,12 @@ class SweepResults(Callback):
         err = job_return._return_value
         if isinstance(err, BaseException):
             failed_point(job_return.cfg or config, config.hydra, err)
+
+
+def _in_sweep(config: DictConfig) -> bool:
+    from hydra.types import RunMode
+
+    return OmegaConf.select(config, "hydra.mode", default=None) == RunMode.MULTIRUN
 
 
 def _result_file(config: DictConfig) -> str:

@@ -2,9 +2,9 @@
 
 A bad value (strategy.budget=7, strategy.merge=sideways, an unknown strategy / model / key, threads=-1,
 a device torch does not see, an attention backend kvpress-mm does not compress, an output directory or
-result_file that cannot be written) then fails at once, as one line naming the key and what it allows,
-instead of as a traceback from inside a job (or from the ninth job of a sweep, after eight models were
-loaded, or after the whole evaluation, when its result cannot be saved).
+result_file that cannot be written, a sweep's absolute result_file) then fails at once, as one line naming
+the key and what it allows, instead of as a traceback from inside a job (or from the ninth job of a sweep,
+after eight models were loaded, or after the whole evaluation, when its result cannot be saved).
 """
 
 from __future__ import annotations
@@ -46,9 +46,13 @@ def check_command_line(config_name: str, overrides: list[str], multirun: bool, c
             check_config(cfg)
             configs.append(cfg)
         # then where the results go: the run / sweep directory, each point's result_file in it
+        result_files = dict.fromkeys(str(cfg.result_file) for cfg in configs)
+        if multirun:
+            for result_file in result_files:
+                check_sweep_result_file(result_file)
         job_dir = _check_output_dirs(config_name, extra + (points[0] if points else list(overrides)), multirun)
         if job_dir is not None:
-            for result_file in dict.fromkeys(str(cfg.result_file) for cfg in configs):
+            for result_file in result_files:
                 check_result_file(job_dir, result_file)
     return len(seen)
 
@@ -101,6 +105,19 @@ def check_result_file(job_dir: str | Path, result_file: str) -> None:
     problem = writable_problem(Path(job_dir) / str(result_file), directory=False)
     if problem:
         raise ConfigError("result_file", f"{problem}; choose a file name (or path) that can be written")
+
+
+def check_sweep_result_file(result_file: str) -> None:
+    """ConfigError unless a sweep's result_file stays inside each point's directory: an absolute one (or one
+    leading out with ..) would have every point write the same file, and the summary could not collect them."""
+    path = str(result_file)
+    normal = os.path.normpath(path)
+    if os.path.isabs(path) or normal == os.pardir or normal.startswith(os.pardir + os.sep):
+        raise ConfigError(
+            "result_file",
+            f"must be a path inside each sweep point's directory in a multirun (-m), got {path!r}: every point "
+            "would write the same file; use a relative name such as result.json",
+        )
 
 
 def writable_problem(path: str | Path, directory: bool) -> str | None:
