@@ -6,6 +6,9 @@ tokens through the text decoder on the uncompressed cache, records per managed l
 every prompt key receives from the round's queries (`replay_attention`), puts every cache layer back as it was
 before the round (the replay leaves no trace) and only then plans and compacts the layers.
 
+`run_replay` does this for the session (which routes the rounds' attention calls to `record_round`) and
+returns the held layers' statistics with the replay's maxima (`ReplayStats`).
+
 A round's softmax for the statistics covers the prompt keys of its span (the others are hidden from it) and the
 round's own keys, causally; the model itself attends as usual (every key). With one round whose span is the
 whole prompt, the statistics are the model's own attention probabilities of the replay's queries.
@@ -13,6 +16,7 @@ whole prompt, the statistics are the model's own attention probabilities of the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -147,3 +151,75 @@ def restore(cache, saved: list[dict]) -> None:
     for layer, state in zip(cache.layers, saved):
         layer.__dict__.clear()
         layer.__dict__.update(state)
+
+
+def record_round(scores: dict[int, torch.Tensor], idx: int, query, key, scaling, rnd: ReplayRound) -> None:
+    """Add a round's attention call at layer idx to `scores` (layer -> [B, H, L] maxima over the rounds)."""
+    scale = scaling or query.shape[-1] ** -0.5
+    new = replay_attention(query, key, scale, rnd)
+    previous = scores.get(idx)
+    scores[idx] = new if previous is None else torch.maximum(previous, new)
+
+
+def run_replay(
+    strategy,
+    model,
+    decoder,
+    prompt,
+    cache,
+    prompt_inputs: tuple,
+    rope_deltas: torch.Tensor | None,
+    deferred: dict[int, LayerStats],
+    scores: dict[int, torch.Tensor],
+    query_heads: Callable[[int], int],
+    set_round: Callable[[ReplayRound | None], None],
+) -> dict[int, LayerStats]:
+    """The held layers' statistics for compaction, with the replay's maxima where a layer evicts.
+
+    Runs the strategy's rounds through `decoder` on the prompt's uncompressed `cache` (each round announced by
+    `set_round`, whose attention calls fill `scores` through `record_round`), putting the cache back after each;
+    returns `deferred` unchanged when no layer evicts (nothing to choose: no replay).
+    prompt_inputs: the prompt forward's (position_ids, [B, L] attention mask), either None.
+    """
+    positions, mask_2d = prompt_inputs
+    if prompt.token_ids is None:
+        raise ValueError(
+            f"{type(strategy).__name__} replays the prompt's tokens, but this prompt was given as "
+            "inputs_embeds without input_ids"
+        )
+    if not any(prompt.evicts(i, cache.layers[i].keys.device) for i in deferred):
+        return deferred
+    rounds = strategy.replay_rounds(prompt.token_ids, prompt.modality, model)
+    saved = snapshot(cache)
+    length = cache.get_seq_length()
+    batch = prompt.token_ids.shape[0]
+    device = prompt.token_ids.device
+    mask = torch.ones((batch, length), dtype=torch.long, device=device) if mask_2d is None else mask_2d.long()
+    try:
+        with torch.no_grad():
+            for rnd in rounds:
+                set_round(rnd)
+                ids = rnd.ids.to(device)
+                position_ids = replay_positions(positions, mask_2d, rope_deltas, length, ids.shape[1], batch, device)
+                decoder(
+                    input_ids=ids,
+                    attention_mask=torch.cat([mask, rnd.valid.to(device).long()], dim=-1),
+                    position_ids=position_ids,
+                    cache=cache,
+                    use_cache=True,
+                )
+                restore(cache, saved)
+    finally:
+        set_round(None)
+        restore(cache, saved)
+    out = {}
+    for idx, stats in deferred.items():
+        layer_scores = scores.get(idx)
+        if layer_scores is None:  # no round (an empty replay): every key scores 0
+            keys = cache.layers[idx].keys
+            shape = (batch, query_heads(idx), keys.shape[2])
+            layer_scores = torch.zeros(shape, dtype=torch.float32, device=keys.device)
+        fields = {name: getattr(stats, name) for name in stats.__dataclass_fields__}
+        fields.pop("replay_attention", None)
+        out[idx] = ReplayStats(**fields, replay_attention=layer_scores)
+    return out

@@ -5,15 +5,16 @@
     statistics.py   the attention statistics the strategy declared
     compaction.py   the strategy's plan applied to a layer; compressed_cache.py: the layer it becomes
     layer_state.py  decode masks of a compacted layer;   report.py: what compression did
+    allocation.py   cross-layer budgets;                 replay.py: a replay strategy's rounds
 
 Per forward: the model's pre-hook decides what this forward is (a first prompt, a later prompt to
 compress, or a step to read through decode masks); the attention wrapper computes statistics on
 prompts and gives compacted layers their masks; the attention module's hook compacts its layer.
 What a later call needs (logical length, slot positions, masks) lives on the cache, not here.
 
-Cross-layer budgets: a strategy with `budget_scope = "model"` allocates its layers' kept counts from every
-layer's statistics (`layer_summary(layer)` per layer, then `allocate(summaries, n_valid, num_layers)`, which
-must keep in all what the uniform budget rule would). Its layers are compacted only once the last managed
+Cross-layer budgets (allocation.py): a strategy with `budget_scope = "model"` allocates its layers' kept counts
+from every layer's statistics (`layer_summary(layer)` per layer, then `allocate(summaries, n_valid, num_layers)`,
+which must keep in all what the uniform budget rule would). Its layers are compacted only once the last managed
 layer of the prompt has run: until then each layer's cache and statistics are held (memory: the statistics
 of all layers, [B, H, S] sums / [B, H, Q, S] windows each, live until the prompt's end).
 
@@ -30,13 +31,14 @@ import logging
 import torch
 
 from .adapters import adapter_for
+from .allocation import allocate_counts
 from .cache_ops import layer_bytes
-from .compaction import compress_decode, compress_first_prompt, compress_later_prompt, layer_view, past_state
+from .compaction import compress_decode, compress_first_prompt, compress_later_prompt, past_state
 from .compressed_cache import CompressedCache, CompressedLayer, as_compressed, check_cache
 from .hooks import SUPPORTED_BACKENDS, Hooks
 from .modality import modality_from_ids
 from .prompt import Prompt
-from .replay import ReplayStats, replay_attention, replay_positions, restore, snapshot
+from .replay import record_round, run_replay
 from .report import CompressionReport, LayerReport
 from .statistics import LayerStats, Statistics
 
@@ -244,10 +246,7 @@ class CompressionSession:
         if idx not in self.managed:
             return base(module, query, key, value, attention_mask, **kwargs)
         if self._round is not None:
-            scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
-            scores = replay_attention(query, key, scale, self._round)
-            previous = self.replay_scores.get(idx)
-            self.replay_scores[idx] = scores if previous is None else torch.maximum(previous, scores)
+            record_round(self.replay_scores, idx, query, key, kwargs.get("scaling"), self._round)
             return base(module, query, key, value, attention_mask, **kwargs)
         prompt = self.prompt
         layer = self._layer(idx)
@@ -386,107 +385,33 @@ class CompressionSession:
         device = cache.layers[order[0]].keys.device
         uniform = prompt.keep_counts(order[0], device)
         if self.model_scope and any(prompt.evicts(i, cache.layers[i].keys.device) for i in order):
-            self._allocate(cache, order, deferred, uniform)
+            args = (cache, order, deferred, uniform, self.num_layers, self._query_heads)
+            prompt.set_keep_counts(allocate_counts(self.strategy, prompt, *args))
         for i in order:
             self._compress_prompt(cache, i, cache.layers[i], deferred[i])
-
-    def _allocate(self, cache, order: list[int], deferred: dict, uniform: torch.Tensor) -> None:
-        """The strategy's per-layer counts from every layer's summary; checked to keep what uniform would."""
-        prompt = self.prompt
-        strategy = self.strategy
-        summaries = []
-        for i in order:
-            keys = cache.layers[i].keys
-            summaries.append(strategy.layer_summary(self._summary_view(i, keys, cache.layers[i].values, deferred[i])))
-        _, _, n_valid, _ = prompt.on(uniform.device)
-        counts = strategy.allocate(summaries, n_valid, len(order))
-        name = type(strategy).__name__
-        expected = (len(order), n_valid.shape[0])
-        if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != expected or counts.is_floating_point():
-            got = tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__
-            raise ValueError(f"{name}.allocate returned {got}; expected integer counts of shape {expected}")
-        counts = counts.to(uniform.device).long()
-        bad = torch.stack(
-            [
-                (counts.sum(0) != uniform * len(order)).any(),
-                (counts < torch.clamp(n_valid, max=1)[None]).any() | (counts > n_valid[None]).any(),
-            ]
-        ).tolist()
-        if bad[0]:
-            raise ValueError(f"{name}.allocate must keep in all what the uniform budget keeps ({len(order)} x uniform)")
-        if bad[1]:
-            raise ValueError(f"{name}.allocate gave a layer fewer than 1 or more than its row's real tokens")
-        prompt.set_keep_counts({i: counts[j].to(cache.layers[i].keys.device) for j, i in enumerate(order)})
 
     # ------------------------------------------------------------------ replays
     def _replay(self) -> None:
         """Run the strategy's replay rounds on the prompt's uncompressed cache, then compact every held layer."""
-        prompt, cache = self.prompt, self.cache
-        positions, mask_2d = self._prompt_inputs
-        self._prompt_inputs = None
-        if prompt.token_ids is None:
-            raise ValueError(
-                f"{type(self.strategy).__name__} replays the prompt's tokens, but this prompt was given as "
-                "inputs_embeds without input_ids"
-            )
+        prompt_inputs, self._prompt_inputs = self._prompt_inputs, None
         self.replay_scores = {}
-        if not any(prompt.evicts(i, cache.layers[i].keys.device) for i in self.deferred):
-            self._compress_deferred(cache)  # nothing to choose: no replay
-            return
-        rounds = self.strategy.replay_rounds(prompt.token_ids, prompt.modality, self.model)
-        saved = snapshot(cache)
-        length = cache.get_seq_length()
-        batch = prompt.token_ids.shape[0]
-        device = prompt.token_ids.device
-        mask = torch.ones((batch, length), dtype=torch.long, device=device) if mask_2d is None else mask_2d.long()
-        try:
-            with torch.no_grad():
-                for rnd in rounds:
-                    self._round = rnd
-                    ids = rnd.ids.to(device)
-                    position_ids = replay_positions(
-                        positions, mask_2d, self._rope_deltas(), length, ids.shape[1], batch, device
-                    )
-                    self.decoder(
-                        input_ids=ids,
-                        attention_mask=torch.cat([mask, rnd.valid.to(device).long()], dim=-1),
-                        position_ids=position_ids,
-                        cache=cache,
-                        use_cache=True,
-                    )
-                    restore(cache, saved)
-        finally:
-            self._round = None
-            restore(cache, saved)
-        for idx, stats in self.deferred.items():
-            scores = self.replay_scores.get(idx)
-            if scores is None:  # no round (an empty replay): every key scores 0
-                keys = cache.layers[idx].keys
-                heads = self._query_heads(idx)
-                scores = torch.zeros((batch, heads, keys.shape[2]), dtype=torch.float32, device=keys.device)
-            fields = {name: getattr(stats, name) for name in stats.__dataclass_fields__}
-            fields.pop("replay_attention", None)
-            self.deferred[idx] = ReplayStats(**fields, replay_attention=scores)
-        self._compress_deferred(cache)
-
-    def _summary_view(self, idx: int, keys, values, stats: LayerStats):
-        """The LayerKV layer_summary sees: the prompt's slots (a later prompt: the last L), uniform keep counts."""
-        prompt = self.prompt
-        device = keys.device
-        start = keys.shape[2] - prompt.length
-        window, accumulated = stats
-        return layer_view(
-            idx,
-            self.num_layers,
-            keys[:, :, start:],
-            values[:, :, start:],
-            prompt.on(device)[0],
-            prompt.keep_counts(idx, device),
-            self._query_heads(idx),
-            None if window is None else window[..., start:],
-            None if accumulated is None else accumulated[..., start:],
-            **stats.view_fields(),
+        self.deferred = run_replay(
+            self.strategy,
+            self.model,
+            self.decoder,
+            self.prompt,
+            self.cache,
+            prompt_inputs,
+            self._rope_deltas(),
+            self.deferred,
+            self.replay_scores,
+            self._query_heads,
+            self._set_round,
         )
+        self._compress_deferred(self.cache)
+
+    def _set_round(self, rnd) -> None:
+        self._round = rnd
 
     def _rope_deltas(self):
         """Qwen-VL's M-RoPE offset of the prompt (kept with the cache for later calls), else None."""
