@@ -77,7 +77,7 @@ def test_tiny_prepare_is_deterministic_and_batch_invariant(bundles, family):
     # same keys and layout as the family's own make_inputs
     tiny = build_tiny(family)
     rows = [[("text", 1), ("image",)], [("image",), ("text", 2), ("image",)], [("text", 3)]]
-    if family == "llama":
+    if tiny.image_token_id is None:  # a text-only family
         rows = [[("text", 1)], [("text", 2)], [("text", 3)]]
     assert set(batch) == set(tiny.make_inputs(rows))
     lengths = batch["attention_mask"].sum(-1)
@@ -104,3 +104,18 @@ def test_tiny_images_become_placeholders(bundles):
     per_row = (batch["input_ids"] == tiny.image_token_id).sum(-1).tolist()
     assert per_row == [tiny.tokens_per_image, 2 * tiny.tokens_per_image, 0]
     assert batch["pixel_values"].shape[0] == 3
+
+
+def test_per_row_pixels_come_from_the_tiny_model(monkeypatch):
+    """How a family's pixels are batched is its TinyModel's per_row_pixels, not a list of family names: the
+    idefics3 builder registered under another name batches its per-row pixels as tiny_idefics3 does."""
+    from kvpress_mm.eval.models.tiny import load_tiny_bundle
+    from kvpress_mm.testing.tiny import BUILDERS
+
+    assert build_tiny("idefics3").per_row_pixels == ("pixel_values", "pixel_attention_mask")
+    monkeypatch.setitem(BUILDERS.entries, "idefics3_renamed", BUILDERS.get("idefics3"))
+    renamed, original = load_tiny_bundle("idefics3_renamed"), load_model("tiny_idefics3")
+    samples = _samples()
+    got, want = renamed.prepare(samples), original.prepare(samples)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert got["pixel_values"].shape[:2] == (3, 2 * build_tiny("idefics3").extra["sub_images_per_image"])

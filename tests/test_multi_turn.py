@@ -18,8 +18,8 @@ from kvpress_mm.hooks import rope_owner
 from kvpress_mm.session import CompressionSession
 from kvpress_mm.testing import TINY_FAMILIES
 
-FAMILIES = ["llava", "qwen2_vl", "gemma3", "llama"]
-QWEN_VL = ["qwen2_vl", "qwen2_5_vl"]
+# the families whose model keeps an M-RoPE offset of the last prompt (Qwen-VL's rope_deltas)
+QWEN_VL = [f for f in TINY_FAMILIES if rope_owner(tiny(f).model) is not None]
 STEPS = 4
 
 

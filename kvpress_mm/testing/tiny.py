@@ -54,6 +54,9 @@ class TinyModel:
     video_token_id: int | None = None
     tokens_per_image: int = 0
     supports_video: bool = False
+    # the make_inputs keys whose tensors are per row ([B, most images of a row, ...], padded with all-zero
+    # images) instead of per image ([images, ...]): batches are merged by padding these (Idefics3, SmolVLM)
+    per_row_pixels: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)
 
 

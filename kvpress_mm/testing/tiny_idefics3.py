@@ -165,6 +165,7 @@ def _build(family: str, dtype: torch.dtype, seed: int) -> TinyModel:
         video_token_id=None,
         tokens_per_image=tokens_per_image,
         supports_video=False,
+        per_row_pixels=("pixel_values", "pixel_attention_mask"),
         extra={
             "pad_token_id": PAD_ID,
             "eos_token_id": EOS_ID,

@@ -18,11 +18,6 @@ import torch
 
 from .bundle import ModelBundle, model_device, resolve_dtype, to_device
 
-# families whose pixel tensors are per row ([B, max_sub_images, ...]) instead of per image
-_PER_ROW_PIXELS = {
-    "idefics3": ("pixel_values", "pixel_attention_mask"),
-    "smolvlm": ("pixel_values", "pixel_attention_mask"),
-}
 _WORD = re.compile(r"\S+")
 
 
@@ -56,8 +51,11 @@ def _pad_dim1(tensors: list[torch.Tensor | None], template: torch.Tensor) -> tor
     return torch.cat(rows, 0)
 
 
-def merge_rows(rows: list[dict], family: str, pad_id: int) -> dict:
-    """Left-pad single-row inputs of one tiny family into one batch, in the layout make_inputs(rows) gives."""
+def merge_rows(rows: list[dict], pad_id: int, per_row: tuple[str, ...] = ()) -> dict:
+    """Left-pad single-row inputs of one tiny family into one batch, in the layout make_inputs(rows) gives.
+
+    per_row: the keys whose tensors are per row ([B, most images of a row, ...]; TinyModel.per_row_pixels),
+    zero-padded to the widest row; the other non-sequence tensors are per image, concatenated."""
     seq_keys = [
         k
         for k, v in rows[0].items()
@@ -66,7 +64,6 @@ def merge_rows(rows: list[dict], family: str, pad_id: int) -> dict:
     out = {}
     for key in seq_keys:
         out[key] = _left_pad([r[key] for r in rows], pad_id if key == "input_ids" else 0)
-    per_row = _PER_ROW_PIXELS.get(family, ())
     keys = []
     for r in rows:
         keys += [k for k in r if k not in seq_keys and k not in keys]
@@ -110,7 +107,7 @@ def load_tiny_bundle(family: str, dtype="float32", device="cpu", seed: int = 0) 
         return inputs
 
     def prepare(samples) -> dict:
-        batch = merge_rows([sample_inputs(s) for s in samples], family, pad_id)
+        batch = merge_rows([sample_inputs(s) for s in samples], pad_id, tiny.per_row_pixels)
         return to_device(batch, model_device(model))
 
     def decode(ids) -> list[str]:
