@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from .validate import is_int, is_number
+
 FORMAT = "kvpress-mm head profile"
 VERSION = 1
 PROFILE_COMMAND = "kvpress-mm profile-heads"
@@ -209,7 +211,7 @@ class HeadProfile:
         )
         scores = data["scores"]
         rows_ok = isinstance(scores, list) and all(isinstance(r, list) for r in scores)
-        if not rows_ok or not all(_is_real(x) for r in scores for x in r):
+        if not rows_ok or not all(is_number(x) for r in scores for x in r):
             raise ValueError(f"{where}: scores must be a list of rows of numbers")
         if len({len(r) for r in scores}) > 1:
             raise ValueError(f"{where}: scores rows have different lengths {sorted({len(r) for r in scores})}")
@@ -231,11 +233,7 @@ class HeadProfile:
 
 
 def _is_count(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return is_int(x) and x >= 1
 
 
 # ============================================================================ lookup

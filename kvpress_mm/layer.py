@@ -8,6 +8,7 @@ from functools import cached_property
 import torch
 
 from .modality import Modality
+from .validate import check_choice, check_fraction, check_int
 
 # which prompt queries the statistics come from (AttentionNeeds.queries)
 QUERY_SETS = ("last", "recent", "post_vision", "text", "elite")
@@ -56,16 +57,12 @@ class AttentionNeeds:
     elite_threshold: float = 0.9
 
     def __post_init__(self):
-        if self.window < 0:
-            raise ValueError(f"window must be >= 0, got {self.window}")
-        if self.queries not in QUERY_SETS:
-            raise ValueError(f"queries must be one of {', '.join(QUERY_SETS)}; got {self.queries!r}")
-        if not 0.0 <= self.sparsity <= 1.0:
-            raise ValueError(f"sparsity must be a threshold in [0, 1], got {self.sparsity}")
-        if not 0.0 <= self.elite_threshold <= 1.0:
-            raise ValueError(f"elite_threshold must be in [0, 1], got {self.elite_threshold}")
-        if self.cross_modal not in CROSS_MODAL:
-            raise ValueError(f"cross_modal must be one of {', '.join(CROSS_MODAL)}; got {self.cross_modal!r}")
+        owner = type(self).__name__
+        check_int(owner, "window", self.window, minimum=0)
+        check_choice(owner, "queries", self.queries, QUERY_SETS)
+        check_fraction(owner, "sparsity", self.sparsity, hint="a threshold")
+        check_fraction(owner, "elite_threshold", self.elite_threshold)
+        check_choice(owner, "cross_modal", self.cross_modal, CROSS_MODAL)
         if self.queries in ("elite", "recent") and self.window == 0:
             raise ValueError(f'queries="{self.queries}" is sized by window: give window >= 1')
 

@@ -27,6 +27,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from .validate import is_number
+
 MIB = 1024 * 1024
 
 # the sweep table: (column, header, how to read it from a run's JSON)
@@ -534,7 +536,7 @@ def _num(x) -> float:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return is_number(x) and math.isfinite(x)
 
 
 def _fmt(value) -> str:

@@ -360,6 +360,66 @@ def test_task_fields_use_the_shared_checks():
         get_task("text_needle", seed=-1)
 
 
+@pytest.mark.parametrize(
+    "task, owner, field, allowed",
+    [
+        ("image_needle", "ImageNeedle", "needle", "shape, digit, star"),
+        ("image_needle", "ImageNeedle", "ask", "content, colour, index"),
+        ("image_lookup", "ImageLookup", "cue", "name, index"),
+        ("image_lookup", "ImageLookup", "question", "shape, colour, digit, mixed"),
+        ("image_in_text", "ImageInText", "question", "colour, shape, digit, mixed"),
+    ],
+)
+def test_task_choices_use_the_shared_check(task, owner, field, allowed):
+    """One wording for every choice: the task, the field, the allowed values, the value; a wrong type is a
+    TypeError (and still a ValueError)."""
+    with pytest.raises(ValueError) as err:
+        get_task(task, **{field: "sideways"})
+    assert str(err.value) == f"{owner}: {field} must be one of {allowed}; got 'sideways'"
+    with pytest.raises(TypeError) as err:
+        get_task(task, **{field: 3})
+    assert isinstance(err.value, ValueError)
+    assert str(err.value) == f"{owner}: {field} must be one of {allowed}; got 3 (int)"
+
+
+@pytest.mark.parametrize(
+    "fields, error, message",
+    [
+        (
+            {"queries": "first"},
+            ValueError,
+            "AttentionNeeds: queries must be one of last, recent, post_vision, text, elite; got 'first'",
+        ),
+        (
+            {"queries": 3},
+            TypeError,
+            "AttentionNeeds: queries must be one of last, recent, post_vision, text, elite; got 3 (int)",
+        ),
+        (
+            {"cross_modal": "some"},
+            ValueError,
+            "AttentionNeeds: cross_modal must be one of none, between, all; got 'some'",
+        ),
+        ({"window": -1}, ValueError, "AttentionNeeds: window must be an integer >= 0, got -1"),
+        ({"window": 1.5}, TypeError, "AttentionNeeds: window must be an integer >= 0, got 1.5 (float)"),
+        (
+            {"sparsity": "0.1"},
+            TypeError,
+            "AttentionNeeds: sparsity must be a number in [0, 1] (a threshold), got '0.1' (str)",
+        ),
+        (
+            {"elite_threshold": math.nan},
+            ValueError,
+            "AttentionNeeds: elite_threshold must be a number in [0, 1], got nan",
+        ),
+    ],
+)
+def test_attention_needs_fields_use_the_shared_checks(fields, error, message):
+    with pytest.raises(error) as err:
+        kvpress_mm.AttentionNeeds(**fields)
+    assert str(err.value) == message
+
+
 # --- property: every field of every registered strategy, assigned after construction ----------------------
 
 

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...validate import check_fraction, check_int
+from ...validate import check_choice, check_fraction, check_int
 from ..sample import Sample
 
 # how the runner evaluates a task: "generate" (free greedy generation scored by `score`) or
@@ -36,6 +36,9 @@ class Task:
 
     def _check_fraction(self, field: str, value) -> None:
         check_fraction(type(self).__name__, field, value)
+
+    def _check_choice(self, field: str, choices) -> None:
+        check_choice(type(self).__name__, field, getattr(self, field), choices)
 
     def samples(self) -> list[Sample]:
         """The task's prompts, the same list for the same fields."""

@@ -45,10 +45,7 @@ class ImageInText(Task):
         self._check_int("context_tokens", 0)
         if self.image_depth is not None:
             self._check_fraction("image_depth", self.image_depth)
-        if self.question not in QUESTION_TYPES + ("mixed",):
-            raise ValueError(
-                f"ImageInText: question must be one of {QUESTION_TYPES + ('mixed',)}, got {self.question!r}"
-            )
+        self._check_choice("question", QUESTION_TYPES + ("mixed",))
 
     def samples(self) -> list[Sample]:
         return [self._sample(i) for i in range(self.n_samples)]

@@ -58,12 +58,8 @@ class ImageLookup(Task):
                 f"question), got {self.num_questions}"
             )
         self._check_int("context_tokens", 0)
-        if self.cue not in CUES:
-            raise ValueError(f"ImageLookup: cue must be one of {CUES}, got {self.cue!r}")
-        if self.question not in QUESTION_TYPES + ("mixed",):
-            raise ValueError(
-                f"ImageLookup: question must be one of {QUESTION_TYPES + ('mixed',)}, got {self.question!r}"
-            )
+        self._check_choice("cue", CUES)
+        self._check_choice("question", QUESTION_TYPES + ("mixed",))
         limit = len(DIGITS) if self.question == "digit" else len(SHAPES)
         if self.num_images > limit:
             raise ValueError(

@@ -59,10 +59,8 @@ class ImageNeedle(Task):
         super().__post_init__()
         self._check_int("num_images", 1)
         self._check_int("context_tokens", 0)
-        if self.needle not in NEEDLES:
-            raise ValueError(f"ImageNeedle: needle must be one of {NEEDLES}, got {self.needle!r}")
-        if self.ask not in ASKS:
-            raise ValueError(f"ImageNeedle: ask must be one of {ASKS}, got {self.ask!r}")
+        self._check_choice("needle", NEEDLES)
+        self._check_choice("ask", ASKS)
         if self.num_images > len(COLORS):
             raise ValueError(f"ImageNeedle: at most {len(COLORS)} images (one colour each), got {self.num_images}")
         if self.needle_position is not None:
