@@ -10,8 +10,9 @@ from __future__ import annotations
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
-def device_problem(name: object, types: tuple[str, ...] = DEVICE_TYPES) -> str | None:
-    """None when `name` is a device of one of `types` that this torch sees, else the reason (one line)."""
+def device_problem(name: object, types: tuple[str, ...] = DEVICE_TYPES, key: str = "device") -> str | None:
+    """None when `name` is a device of one of `types` that this torch sees, else the reason (one line); `key`:
+    the setting the reason suggests a value for ("use model.device=cpu")."""
     import torch
 
     try:
@@ -23,11 +24,11 @@ def device_problem(name: object, types: tuple[str, ...] = DEVICE_TYPES) -> str |
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            return f"{name!r} asked for, but this torch ({torch.__version__}) sees no CUDA device; use device=cpu"
+            return f"{name!r} asked for, but this torch ({torch.__version__}) sees no CUDA device; use {key}=cpu"
         if device.index is not None and device.index >= count:
             return f"{name!r} asked for, but only cuda:0..cuda:{count - 1} exist"
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        return f"{name!r} asked for, but this torch ({torch.__version__}) sees no MPS device; use device=cpu"
+        return f"{name!r} asked for, but this torch ({torch.__version__}) sees no MPS device; use {key}=cpu"
     return None
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import pytest
 from helpers import generate, rows_for, tiny
 from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import QuantizedCache
 
 import kvpress_mm
 from kvpress_mm.layer import Plan
@@ -49,6 +50,43 @@ def test_a_cache_subclass_is_refused():
     with pytest.raises(ValueError, match="got a MyCache"):
         with kvpress_mm.get_strategy("h2o", budget=0.3)(t.model):
             t.model(**inputs, cache=MyCache(config=t.model.config), use_cache=True)
+
+
+def _quantized_cache(backend: str, config):
+    """A QuantizedCache of `backend`; quanto's without optimum-quanto installed: the cache and the layers a real
+    one has, made without their __init__ (which imports the backend)."""
+    if backend == "fp8":  # no backend library needed
+        return QuantizedCache("fp8", config)
+    from transformers.cache_utils import Cache, DynamicLayer, QuantoQuantizedLayer
+
+    layers = []
+    for _ in range(config.get_text_config(decoder=True).num_hidden_layers):
+        layer = object.__new__(QuantoQuantizedLayer)
+        DynamicLayer.__init__(layer)
+        layers.append(layer)
+    cache = object.__new__(QuantizedCache)
+    Cache.__init__(cache, layers=layers)
+    return cache
+
+
+@pytest.mark.parametrize("backend", ["fp8", "quanto"])
+def test_quantized_cache_is_refused(backend):
+    t = tiny("llama")
+    inputs = t.make_inputs(rows_for(t))
+    cache = _quantized_cache(backend, t.model.config)
+    assert isinstance(cache, QuantizedCache) and len(cache.layers) == t.model.config.num_hidden_layers
+    with pytest.raises(ValueError, match=r"kvpress-mm compresses DynamicCache.*got a QuantizedCache"):
+        with kvpress_mm.get_strategy("snapkv", budget=0.3)(t.model):
+            t.model(**inputs, cache=cache, use_cache=True)
+    assert not t.model._forward_hooks and not t.model._forward_pre_hooks
+
+
+def test_quantized_cache_implementation_is_refused():
+    t = tiny("llama")
+    inputs = t.make_inputs(rows_for(t))
+    with pytest.raises(ValueError, match="got a QuantizedCache.*without cache_implementation"):
+        with kvpress_mm.get_strategy("h2o", budget=0.3)(t.model):
+            generate(t.model, inputs, steps=2, cache_implementation="quantized", cache_config={"backend": "fp8"})
 
 
 def test_use_cache_false_is_refused():

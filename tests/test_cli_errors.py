@@ -96,7 +96,7 @@ def _two_gpus(monkeypatch):
         ("device=cuda:3", "device", ["'cuda:3'", "cuda:0..cuda:1"], _two_gpus),
         ("device=gpu0", "device", ["'gpu0'", "not a torch device", "cpu", "cuda"], _no_cuda),
         ("device=meta", "device", ["'meta'", "not supported", "cpu, cuda[:N] or mps"], _no_cuda),
-        ("model.device=cuda", "model.device", ["'cuda'", "sees no CUDA device"], _no_cuda),
+        ("model.device=cuda", "model.device", ["'cuda'", "sees no CUDA device", "use model.device=cpu"], _no_cuda),
     ],
 )
 def test_device_torch_cannot_use_is_one_line(override, key, contains, machine, capsys, monkeypatch, no_model):

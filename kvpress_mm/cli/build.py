@@ -142,7 +142,7 @@ def _check_model_options(options: dict) -> None:
             f"{backend!r} is not a backend kvpress-mm compresses{note}; choose one of: {', '.join(SUPPORTED_BACKENDS)}",
         )
     if options.get("device") is not None:
-        problem = device_problem(options["device"])
+        problem = device_problem(options["device"], key="model.device")
         if problem:
             raise ConfigError("model.device", problem)
 
