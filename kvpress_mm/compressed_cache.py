@@ -11,16 +11,27 @@ decode masks that a strategy context builds.
     keys / values: [batch, kv_heads, physical slots, head_dim] = [compacted prompt | tokens appended since]
     logical length = state.total + (physical slots - state.base_len)
 
+Head-wise budgets (and the rows of a padded batch) keep different counts per (row, kv head): the padded layout
+above pads every head to the widest one and masks the spare slots. A `FlatLayer` (layout="flat") stores only what
+each head keeps instead: the compacted prompt as flat keys / values [N, head_dim] (N = the sum of the kept counts,
+segments per (row, kv head) back to back) and the tokens appended since as the ordinary [B, kv_heads, T, head_dim]
+tail (`keys` / `values`, what update() appends to and returns). Its `state` still describes the padded layout it
+stands for (slots, positions, labels), so lengths, mask sizes and kept positions are the padded layer's; the
+strategy context computes its attention itself (flat_attention.py).
+
+    FlatLayer bytes = the kept tokens' keys and values + the tail's, exactly
+
 Outside a strategy context plain attention reads the cache with the model's own mask. That is exact when
 every slot of every compressed layer is real and the layers have one physical length (batch 1 with
 per-layer-uniform budgets: streaming_llm, snapkv, h2o, look_m, ...). Other layouts (padded batches,
-head-wise or per-layer budgets) need the per-layer masks, so they are refused there with an error that
-says to continue inside `with strategy(model):`.
+head-wise or per-layer budgets, flat layers) need the per-layer masks or attention, so they are refused there
+with an error that says to continue inside `with strategy(model):`.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from transformers import DynamicCache
@@ -29,6 +40,20 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from .layer_state import LayerState, resolve_pending
 
 SUPPORTED_CACHES = "DynamicCache (the default cache of generate), with DynamicLayer / sliding-window layers"
+
+# how a compacted layer with padding slots is stored: padded to its widest (row, kv head), or flat (FlatLayer)
+LAYOUTS = ("padded", "flat")
+DEFAULT_LAYOUT = "padded"  # measured: docs/strategies-heads.md, "Head-wise budgets and memory"
+LAYOUT_ENV = "KVPRESS_MM_LAYOUT"
+
+
+def resolve_layout(layout: str | None, owner: str) -> str:
+    """`layout`, or when None the environment's KVPRESS_MM_LAYOUT, or DEFAULT_LAYOUT; checked."""
+    from .validate import check_choice
+
+    if layout is None:
+        layout = os.environ.get(LAYOUT_ENV) or DEFAULT_LAYOUT
+    return check_choice(owner, "layout", layout, LAYOUTS)
 
 
 class CompressedLayer(DynamicLayer):
@@ -105,6 +130,118 @@ class CompressedLayer(DynamicLayer):
         return hits > 0
 
 
+class FlatLayer(CompressedLayer):
+    """A compacted layer stored without padding (see the module doc): flat_keys / flat_values [N, D] hold the
+    compacted prompt's real slots, (row, kv head) segments in row-major order, each segment's slots in the order
+    of the padded layout (`state.slots`' True entries); keys / values are the tail appended since.
+
+    slot_heads: int16 [N], the kv head of each flat slot; counts: the host's [B][kv_heads] kept counts;
+    row_offsets: [B + 1] where each row's slots start in the flat tensors."""
+
+    def __init__(self, tail_keys, tail_values, state: LayerState, flat_keys, flat_values, slot_heads, counts):
+        super().__init__(tail_keys, tail_values, state)
+        self.flat_keys, self.flat_values = flat_keys, flat_values
+        self.slot_heads = slot_heads
+        self._set_counts(counts)
+
+    def _set_counts(self, counts: list[list[int]]) -> None:
+        self.counts = counts
+        offsets = [0]
+        for row in counts:
+            offsets.append(offsets[-1] + sum(row))
+        self.row_offsets = offsets
+        self.empty_rows = [min(row, default=0) == 0 for row in counts]
+
+    @classmethod
+    def from_padded(cls, layer: CompressedLayer) -> FlatLayer:
+        """The flat form of a padded compacted layer (one host read: its kept counts)."""
+        state, keys, values = layer.state, layer.keys, layer.values
+        b, heads, _, _ = keys.shape
+        base = state.base_len
+        slots = state.slots
+        if slots is None:
+            slots = torch.ones((b, 1, base), dtype=torch.bool, device=keys.device)
+        slots = slots.to(keys.device).expand(b, heads, base)
+        head_ids = torch.arange(heads, device=keys.device, dtype=torch.int16)[None, :, None].expand(b, heads, base)
+        counts = slots.sum(-1).tolist()
+        # the tail is copied: a view would keep the whole padded tensor alive
+        return cls(
+            keys[:, :, base:].clone(),
+            values[:, :, base:].clone(),
+            state,
+            keys[:, :, :base][slots],
+            values[:, :, :base][slots],
+            head_ids[slots],
+            counts,
+        )
+
+    def padded(self) -> CompressedLayer:
+        """The padded layer this one stands for (spare slots zero, masked by `state.slots`)."""
+        b, heads, _, dim = self.keys.shape
+        base = self.state.base_len
+        slots = self.state.slots
+        if slots is None:
+            slots = torch.ones((b, 1, base), dtype=torch.bool, device=self.keys.device)
+        rows = slots.to(self.keys.device).expand(b, heads, base).reshape(-1).nonzero().squeeze(1)
+        parts = []
+        for flat, tail in ((self.flat_keys, self.keys), (self.flat_values, self.values)):
+            prefix = flat.new_zeros((b * heads * base, dim)).index_copy_(0, rows, flat).view(b, heads, base, dim)
+            parts.append(torch.cat([prefix, tail], dim=2))
+        return CompressedLayer(parts[0], parts[1], self.state)
+
+    @property
+    def physical_length(self) -> int:
+        """The padded layer's physical length (compacted prompt slots + tail): lengths and masks are its."""
+        return self.state.base_len + self.keys.shape[-2]
+
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values actually stored: the kept tokens' and the tail's."""
+        return sum(t.numel() * t.element_size() for t in (self.flat_keys, self.flat_values, self.keys, self.values))
+
+    def stored_length(self) -> int:
+        """Slots stored per (row, kv head), on average rounded up: the kept tokens' and the tail's."""
+        b, heads = self.keys.shape[:2]
+        return -(-self.flat_keys.shape[0] // max(1, b * heads)) + self.keys.shape[-2]
+
+    def _take_rows(self, rows: list[int]) -> None:
+        """The flat part of rows `rows` (the cache's new row order, repeats allowed)."""
+        offsets, device = self.row_offsets, self.flat_keys.device
+        parts = [torch.arange(offsets[r], offsets[r + 1], device=device) for r in rows]
+        index = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+        self.flat_keys = self.flat_keys.index_select(0, index)
+        self.flat_values = self.flat_values.index_select(0, index)
+        self.slot_heads = self.slot_heads.index_select(0, index)
+        self._set_counts([list(self.counts[r]) for r in rows])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._take_rows([r for r in range(len(self.counts)) for _ in range(repeats)])
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._take_rows(_row_list(indices, len(self.counts)))
+        super().batch_select_indices(indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._take_rows(_row_list(beam_idx, len(self.counts)))
+        super().reorder_cache(beam_idx)
+
+
+def _row_list(indices, batch: int) -> list[int]:
+    """Row indices (a tensor of indices or a bool mask, or a list) as a host list."""
+    if isinstance(indices, torch.Tensor):
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().squeeze(1)
+        indices = indices.tolist()
+    return [int(i) % batch for i in indices]
+
+
+_OUTSIDE = (
+    "this compressed cache has per-row, per-head or per-layer layouts (a padded batch, head-wise or per-layer "
+    "budgets, flat layers) that the model's own attention cannot read; continue it inside `with strategy(model):` "
+    "(the same strategy: later prompts are not compressed again unless compress='every_prompt')"
+)
+
+
 class CompressedCache(DynamicCache):
     """The DynamicCache a strategy compressed (generate's own cache object, turned into this class in place).
 
@@ -143,13 +280,15 @@ class CompressedCache(DynamicCache):
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         if self.compacted and not self.attended and not self.plain:
-            raise ValueError(
-                "this compressed cache has per-row, per-head or per-layer layouts (a padded batch, head-wise or "
-                "per-layer budgets) that the model's own attention mask cannot express; continue it inside "
-                "`with strategy(model):` (the same strategy: later prompts are not compressed again unless "
-                "compress='every_prompt')"
-            )
+            raise ValueError(_OUTSIDE)
         return super().get_mask_sizes(query_length, layer_idx)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # a flat layer's update returns only its tail: the model's own attention would read that alone (e.g. with
+        # a custom 4-D mask, which skips get_mask_sizes)
+        if not self.attended and layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], FlatLayer):
+            raise ValueError(_OUTSIDE)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def refresh_layout(self, managed: frozenset[int]) -> None:
         """Recompute `compacted` / `plain` after a layer changed its layout; first finish the layouts laid out
@@ -165,7 +304,24 @@ class CompressedCache(DynamicCache):
         states = [layer.state for layer in layers if isinstance(layer, CompressedLayer)]
         self.compacted = any(s.compacted for s in states)
         lengths = {layer.physical_length for layer in layers}
-        self.plain = all(s.slots is None for s in states) and len(lengths) <= 1
+        flat = any(isinstance(layer, FlatLayer) for layer in layers)
+        self.plain = all(s.slots is None for s in states) and len(lengths) <= 1 and not flat
+
+    def flatten(self, managed: frozenset[int]) -> list[int]:
+        """Store each compacted layer of `managed` that has padding slots as a FlatLayer (after refresh_layout);
+        returns their indices. A layer tracking decode-phase scores stays padded."""
+        done = []
+        for i in sorted(managed):
+            layer = self.layers[i] if i < len(self.layers) else None
+            if type(layer) is not CompressedLayer or layer.pending is not None:
+                continue
+            state = layer.state
+            if state.compacted and state.slots is not None and state.scores is None:
+                self.layers[i] = FlatLayer.from_padded(layer)
+                done.append(i)
+        if done:
+            self.plain = False
+        return done
 
     def kept_positions(self) -> dict[int, torch.Tensor]:
         """layer -> bool [batch, 1|kv_heads, logical length] of the positions each compressed layer holds."""
@@ -183,7 +339,7 @@ def check_cache(cache) -> None:
     if getattr(cache, "offloading", False):
         raise ValueError(f"kvpress-mm cannot compress an offloaded {name}; supported: {SUPPORTED_CACHES}")
     for idx, layer in enumerate(cache.layers):
-        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer, CompressedLayer):
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer, CompressedLayer, FlatLayer):
             raise ValueError(
                 f"kvpress-mm compresses {SUPPORTED_CACHES}; layer {idx} of this {name} is a {type(layer).__name__}"
             )

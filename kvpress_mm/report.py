@@ -9,7 +9,8 @@ from .cache_ops import layer_bytes
 
 @dataclass
 class CacheSize:
-    """Physical size of a cache: sequence slots per layer and total bytes of keys + values."""
+    """Physical size of a cache: sequence slots per layer and total bytes of keys + values (a flat layer: the
+    slots it stores per (row, kv head) on average, rounded up, and its real bytes)."""
 
     tokens_per_layer: list[int]
     bytes: int
@@ -30,6 +31,10 @@ def cache_size(cache) -> CacheSize:
         raise TypeError(f"cache_size: expected a transformers Cache, {_cache_hint(cache)}")
     tokens, total = [], 0
     for layer in layers:
+        if callable(getattr(layer, "kv_bytes", None)):  # a flat layer (compressed_cache.FlatLayer)
+            tokens.append(layer.stored_length())
+            total += layer.kv_bytes()
+            continue
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
         if keys is None or keys.numel() == 0:
             tokens.append(0)

@@ -18,6 +18,11 @@ which must keep in all what the uniform budget rule would). Its layers are compa
 layer of the prompt has run: until then each layer's cache and statistics are held (memory: the statistics
 of all layers, [B, H, S] sums / [B, H, Q, S] windows each, live until the prompt's end).
 
+Layouts (`layout`, "padded" or "flat"; compressed_cache.py): with "flat" each compacted layer that has padding
+slots (head-wise budgets, the rows of a padded batch) is stored as a FlatLayer when its forward ends, and the
+attention wrapper computes a flat layer's attention itself (flat_attention.py). A later prompt compressed on a
+flat layer reads (and is compacted on) its padded form, flattened again at the forward's end.
+
 Replays: a strategy with a method `replay_rounds` (kvpress_mm/replay.py) has a cache's first prompt compacted
 only after that prompt's forward: the model's post-forward hook runs the strategy's replay rounds through the
 text decoder on the uncompressed cache (the hooks see them as a replay: statistics, no compaction), restores
@@ -34,7 +39,8 @@ from .adapters import adapter_for
 from .allocation import allocate_counts
 from .cache_ops import layer_bytes
 from .compaction import compress_decode, compress_first_prompt, compress_later_prompt, past_state
-from .compressed_cache import CompressedCache, CompressedLayer, as_compressed, check_cache
+from .compressed_cache import CompressedCache, CompressedLayer, FlatLayer, as_compressed, check_cache, resolve_layout
+from .flat_attention import flat_attention
 from .hooks import SUPPORTED_BACKENDS, Hooks
 from .modality import modality_from_ids
 from .prompt import Prompt
@@ -68,10 +74,12 @@ class CompressionSession:
     report: what the last compressed prompt's compression did, per layer.
     kept: layer -> bool [B, 1|Hkv, L] prompt positions kept by the first prompt's compression.
     states: layer -> LayerState of the cache last seen (its compacted layout).
+    layout: "padded" or "flat" (None: the environment's KVPRESS_MM_LAYOUT, else compressed_cache.DEFAULT_LAYOUT).
     """
 
-    def __init__(self, strategy, model: torch.nn.Module):
+    def __init__(self, strategy, model: torch.nn.Module, layout: str | None = None):
         self.strategy = strategy
+        self.layout = resolve_layout(layout, type(strategy).__name__)
         self.model = model
         self.adapter = adapter_for(model)
         self.decoder = self.adapter.decoder(model)
@@ -81,6 +89,12 @@ class CompressionSession:
         self.num_layers = len(self.attention_modules)
         self.needs = strategy.needs()
         self.decode_every = strategy.decode_interval()
+        if self.layout == "flat" and self.decode_every:
+            phase = getattr(strategy, "phase", "decode")
+            raise ValueError(
+                f"{type(strategy).__name__}: layout='flat' cannot compress while decoding (phase={phase!r}): "
+                "decode-phase eviction rewrites the padded layout; use layout='padded'"
+            )
         self.compress_mode = strategy.compress
         # "model": the layers' budgets are allocated together at the prompt's end (see the module docstring)
         self.model_scope = getattr(strategy, "budget_scope", "layer") == "model"
@@ -198,6 +212,10 @@ class CompressionSession:
         if isinstance(self.cache, CompressedCache):
             if self._layout_changed:
                 self.cache.refresh_layout(self.managed)
+                if self.layout == "flat":
+                    for idx in self.cache.flatten(self.managed):
+                        if idx in self.report.layers:
+                            self.report.layers[idx].after_bytes = self.cache.layers[idx].kv_bytes()
             self.cache.attended = False
         self._layout_changed = False
 
@@ -250,6 +268,12 @@ class CompressionSession:
             return base(module, query, key, value, attention_mask, **kwargs)
         prompt = self.prompt
         layer = self._layer(idx)
+        if isinstance(layer, FlatLayer):
+            if prompt is None:
+                return self._flat_attention(module, query, key, value, layer, kwargs)
+            # a later prompt compressed at this forward's end: statistics and compaction read the padded form
+            layer = self.cache.layers[idx] = layer.padded()
+            key, value = layer.keys, layer.values
         compacted = self.compressed_any
         if compacted and isinstance(layer, CompressedLayer):
             # every managed layer reads its own layout: one mask for all layers cannot express them
@@ -270,6 +294,14 @@ class CompressionSession:
         if isinstance(layer, CompressedLayer) and layer.state.scores is not None:
             layer.state.add_scores(Statistics.decode_probs(query, key, attention_mask, kwargs))
         return base(module, query, key, value, attention_mask, **kwargs)
+
+    def _flat_attention(self, module, query, key, value, layer: FlatLayer, kwargs):
+        if self.decode_every:
+            raise ValueError(
+                f"{type(self.strategy).__name__} compresses while decoding, which needs the padded layout; this "
+                "cache holds flat layers (layout='flat'): continue it with a strategy that compresses prompts only"
+            )
+        return flat_attention(module, query, layer, key, value, self.decode_mask_2d, self.backend == "eager", **kwargs)
 
     def _key_modality(self, layer, length: int, device) -> torch.Tensor:
         """[B, S] labels of a later prompt's keys: the compressed past's slots, then the prompt's tokens."""

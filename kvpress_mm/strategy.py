@@ -116,11 +116,15 @@ class EvictionStrategy(ABC, metaclass=_StrategyMeta):
     def plan(self, layer: LayerKV) -> Plan:
         """Decide which positions each (row, kv head) keeps, and optionally how evicted ones merge."""
 
-    def __call__(self, model: torch.nn.Module):
-        """A context manager compressing `model`'s KV cache at the end of each prefill."""
+    def __call__(self, model: torch.nn.Module, layout: str | None = None):
+        """A context manager compressing `model`'s KV cache at the end of each prefill.
+
+        layout: how compacted layers with padding slots (head-wise budgets, padded batches) are stored: "padded"
+        (to the widest head, spare slots masked) or "flat" (only the kept slots; less memory); None: the
+        environment's KVPRESS_MM_LAYOUT, else "padded" (docs/strategies-heads.md, "Head-wise budgets and memory")."""
         from .session import CompressionSession
 
-        return CompressionSession(self, model)
+        return CompressionSession(self, model, layout)
 
 
 @dataclass

@@ -87,11 +87,11 @@ class MixKV(EvictionStrategy):
     def exact_budget(self) -> bool:
         return bool(self._base.exact_budget)
 
-    def __call__(self, model: torch.nn.Module):
+    def __call__(self, model: torch.nn.Module, layout: str | None = None):
         bind = getattr(self._base, "bind", None)  # sparsemm: find the model's head profile
         if callable(bind):
             bind(model)
-        return super().__call__(model)
+        return super().__call__(model, layout)
 
     def needs(self) -> AttentionNeeds:
         return self._base.needs()

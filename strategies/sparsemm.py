@@ -56,9 +56,9 @@ class SparseMM(SnapKV):
         check_choice(owner, "allocation", self.allocation, ALLOCATIONS)
 
     # ------------------------------------------------------------------ the profile of the model
-    def __call__(self, model: torch.nn.Module):
+    def __call__(self, model: torch.nn.Module, layout: str | None = None):
         self.bind(model)
-        return super().__call__(model)
+        return super().__call__(model, layout)
 
     def bind(self, model: torch.nn.Module) -> HeadProfile | None:
         """Find (and check) the head profile for `model`; the context manager does this on entry.
