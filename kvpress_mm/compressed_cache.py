@@ -41,19 +41,26 @@ from .layer_state import LayerState, resolve_pending
 
 SUPPORTED_CACHES = "DynamicCache (the default cache of generate), with DynamicLayer / sliding-window layers"
 
-# how a compacted layer with padding slots is stored: padded to its widest (row, kv head), or flat (FlatLayer)
-LAYOUTS = ("padded", "flat")
-DEFAULT_LAYOUT = "padded"  # measured: docs/strategies-heads.md, "Head-wise budgets and memory"
+# how a compacted layer with padding slots is stored: padded to its widest (row, kv head), or flat (FlatLayer);
+# "auto": flat for head-wise budgets (where the padding costs 24-41% on mini_llava) unless the strategy also
+# compresses while decoding, padded otherwise (measured: docs/strategies-heads.md, "Head-wise budgets and memory")
+LAYOUTS = ("auto", "padded", "flat")
+DEFAULT_LAYOUT = "auto"
 LAYOUT_ENV = "KVPRESS_MM_LAYOUT"
 
 
-def resolve_layout(layout: str | None, owner: str) -> str:
-    """`layout`, or when None the environment's KVPRESS_MM_LAYOUT, or DEFAULT_LAYOUT; checked."""
+def resolve_layout(layout: str | None, strategy) -> str:
+    """The layout `strategy` uses, padded or flat: `layout`, or when None the environment's KVPRESS_MM_LAYOUT,
+    or DEFAULT_LAYOUT (checked; "auto" decided as above)."""
     from .validate import check_choice
 
     if layout is None:
         layout = os.environ.get(LAYOUT_ENV) or DEFAULT_LAYOUT
-    return check_choice(owner, "layout", layout, LAYOUTS)
+    check_choice(type(strategy).__name__, "layout", layout, LAYOUTS)
+    if layout == "auto":
+        headwise = bool(getattr(strategy, "headwise_budgets", False))
+        return "flat" if headwise and not strategy.decode_interval() else "padded"
+    return layout
 
 
 class CompressedLayer(DynamicLayer):

@@ -18,10 +18,11 @@ which must keep in all what the uniform budget rule would). Its layers are compa
 layer of the prompt has run: until then each layer's cache and statistics are held (memory: the statistics
 of all layers, [B, H, S] sums / [B, H, Q, S] windows each, live until the prompt's end).
 
-Layouts (`layout`, "padded" or "flat"; compressed_cache.py): with "flat" each compacted layer that has padding
-slots (head-wise budgets, the rows of a padded batch) is stored as a FlatLayer when its forward ends, and the
-attention wrapper computes a flat layer's attention itself (flat_attention.py). A later prompt compressed on a
-flat layer reads (and is compacted on) its padded form, flattened again at the forward's end.
+Layouts (`layout`; "auto", the default, is "flat" for head-wise budgets, else "padded"; compressed_cache.py):
+with "flat" each compacted layer that has padding slots (head-wise budgets, the rows of a padded batch) is stored
+as a FlatLayer when its forward ends, and the attention wrapper computes a flat layer's attention itself
+(flat_attention.py). A later prompt compressed on a flat layer reads (and is compacted on) its padded form,
+flattened again at the forward's end.
 
 Replays: a strategy with a method `replay_rounds` (kvpress_mm/replay.py) has a cache's first prompt compacted
 only after that prompt's forward: the model's post-forward hook runs the strategy's replay rounds through the
@@ -74,12 +75,13 @@ class CompressionSession:
     report: what the last compressed prompt's compression did, per layer.
     kept: layer -> bool [B, 1|Hkv, L] prompt positions kept by the first prompt's compression.
     states: layer -> LayerState of the cache last seen (its compacted layout).
-    layout: "padded" or "flat" (None: the environment's KVPRESS_MM_LAYOUT, else compressed_cache.DEFAULT_LAYOUT).
+    layout: "padded" or "flat", from the `layout` given ("auto", "padded", "flat"; None: the environment's
+    KVPRESS_MM_LAYOUT, else "auto": flat for head-wise budgets without decode-phase compression; compressed_cache.py).
     """
 
     def __init__(self, strategy, model: torch.nn.Module, layout: str | None = None):
         self.strategy = strategy
-        self.layout = resolve_layout(layout, type(strategy).__name__)
+        self.layout = resolve_layout(layout, strategy)
         self.model = model
         self.adapter = adapter_for(model)
         self.decoder = self.adapter.decoder(model)

@@ -120,8 +120,9 @@ class EvictionStrategy(ABC, metaclass=_StrategyMeta):
         """A context manager compressing `model`'s KV cache at the end of each prefill.
 
         layout: how compacted layers with padding slots (head-wise budgets, padded batches) are stored: "padded"
-        (to the widest head, spare slots masked) or "flat" (only the kept slots; less memory); None: the
-        environment's KVPRESS_MM_LAYOUT, else "padded" (docs/strategies-heads.md, "Head-wise budgets and memory")."""
+        (to the widest head, spare slots masked), "flat" (only the kept slots) or "auto" (flat for head-wise
+        budgets unless the strategy also compresses while decoding, else padded); None: the environment's
+        KVPRESS_MM_LAYOUT, else "auto" (docs/strategies-heads.md, "Head-wise budgets and memory")."""
         from .session import CompressionSession
 
         return CompressionSession(self, model, layout)

@@ -32,8 +32,9 @@ class AdaKV(EvictionStrategy):
     Algorithm (per row): with keep tokens per head on average and H kv heads,
       1. every head keeps its promised tokens and its floor(alpha_safeguard * keep) best tokens
       2. the rest of the layer's keep * H slots go to the best remaining (head, token) pairs overall
-    Heads end up with different counts: the cache shrinks to the largest one and the framework masks
-    the padded slots per head in attention (memory is really saved, unlike key masking).
+    Heads end up with different counts: by default (layout="auto") the framework stores only what each head
+    keeps (a flat layer with its own attention); with layout="padded" the cache shrinks to the largest head
+    and the spare slots are masked per head in attention (memory is really saved, unlike key masking).
     Uses the inner strategy's scores() and promised(), not its plan (so no merging).
     """
 

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from test_kvzip import _kvzip
 
 import kvpress_mm
+from kvpress_mm import flat_attention as flat_attention_module
 from kvpress_mm.adapters import adapter_for
 from kvpress_mm.backend import set_decoder_attention
 from kvpress_mm.compressed_cache import LAYOUT_ENV, CompressedCache, CompressedLayer, FlatLayer
@@ -339,16 +340,23 @@ def test_outside_the_context_a_flat_cache_is_refused_clearly():
 
 def test_layout_is_validated_and_decode_phase_is_refused(monkeypatch):
     t = tiny("llama")
-    with pytest.raises(ValueError, match="layout must be one of padded, flat; got 'ragged'"):
+    with pytest.raises(ValueError, match="layout must be one of auto, padded, flat; got 'ragged'"):
         kvpress_mm.get_strategy("adakv", budget=0.3)(t.model, layout="ragged")
     monkeypatch.setenv(LAYOUT_ENV, "ragged")
-    with pytest.raises(ValueError, match="layout must be one of padded, flat"):
+    with pytest.raises(ValueError, match="layout must be one of auto, padded, flat"):
         kvpress_mm.get_strategy("adakv", budget=0.3)(t.model)
-    monkeypatch.setenv(LAYOUT_ENV, "flat")
-    assert kvpress_mm.get_strategy("adakv", budget=0.3)(t.model).layout == "flat"
-    monkeypatch.delenv(LAYOUT_ENV)
+    monkeypatch.setenv(LAYOUT_ENV, "padded")
     assert kvpress_mm.get_strategy("adakv", budget=0.3)(t.model).layout == "padded"
+    monkeypatch.setenv(LAYOUT_ENV, "flat")
+    assert kvpress_mm.get_strategy("snapkv", budget=0.3)(t.model).layout == "flat"
+    monkeypatch.delenv(LAYOUT_ENV)
+    # the default ("auto"): flat for head-wise budgets, padded otherwise and with decode-phase compression
+    assert kvpress_mm.get_strategy("adakv", budget=0.3)(t.model).layout == "flat"
+    assert kvpress_mm.get_strategy("kvzip", budget=0.3, head_budgets="layer")(t.model).layout == "flat"
+    assert kvpress_mm.get_strategy("kvzip", budget=0.3, head_budgets="uniform")(t.model).layout == "padded"
+    assert kvpress_mm.get_strategy("snapkv", budget=0.3)(t.model).layout == "padded"
     decode = kvpress_mm.get_strategy("streaming_llm", budget=0.3, phase="decode")
+    assert decode(t.model, layout="auto").layout == "padded"
     with pytest.raises(ValueError, match="layout='flat' cannot compress while decoding"):
         decode(t.model, layout="flat")
 
@@ -460,6 +468,22 @@ def test_flat_attention_equals_masked_attention_on_the_padded_layer(case):
     base = padded.state.base_len
     assert torch.equal(again.keys[:, :, :base][slots], padded.keys[:, :, :base][slots])
     assert torch.equal(again.values[:, :, base:], padded.values[:, :, base:])
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_long_later_prompts_are_taken_in_pieces(monkeypatch, eager):
+    case = (2, 2, 3, 12, 11, 9, 8, False, True, True, None, torch.float32, 3)
+    padded, query, mask_2d = _flat_case(case)
+    layer = FlatLayer.from_padded(padded)
+    module = types.SimpleNamespace(layer_idx=0, training=False)
+    whole = flat_attention(module, query, layer, layer.keys, layer.values, mask_2d, eager, scaling=0.3)
+    monkeypatch.setattr(flat_attention_module, "QUERY_CHUNK", 4)
+    pieces = flat_attention(module, query, layer, layer.keys, layer.values, mask_2d, eager, scaling=0.3)
+    torch.testing.assert_close(pieces[0], whole[0], atol=1e-6, rtol=0)
+    if eager:
+        torch.testing.assert_close(pieces[1], whole[1], atol=1e-6, rtol=0)
+    ref_out, _, seen = _reference(padded, query, mask_2d, 0.3, None)
+    torch.testing.assert_close(torch.where(seen.transpose(1, 2)[..., None], pieces[0], 0), ref_out, atol=1e-5, rtol=0)
 
 
 def test_flat_attention_refuses_what_it_does_not_implement():

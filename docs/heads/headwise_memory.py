@@ -4,7 +4,8 @@
 
 The compacted layer is [batch, kv_heads, slots, head_dim] with slots = the largest head's count in that layer
 (the other heads' spare slots masked), so its bytes are kv_heads * max_h(count_h) per layer, while the kept
-tokens themselves need sum_h(count_h). Prints one Markdown row per (strategy, budget): the full prompt cache,
+tokens themselves need sum_h(count_h) (the padded layout, measured here; the flat one stores only those:
+docs/heads/flat_layout_bench.py). Prints one Markdown row per (strategy, budget): the full prompt cache,
 the physical cache after compression, the kept tokens' bytes, and the padding's share of the physical cache.
 """
 
@@ -37,7 +38,7 @@ def main() -> None:
         name = label.split(" ")[0]
         for budget in (0.1, 0.2):
             strategy = kvpress_mm.get_strategy(name, budget=budget, **fields)
-            with strategy(bundle.model) as press:
+            with strategy(bundle.model, layout="padded") as press:  # the flat layout: flat_layout_bench.py
                 bundle.model.generate(**inputs, max_new_tokens=1, do_sample=False, **bundle.generate_kwargs)
             report = press.report
             per_token = None
