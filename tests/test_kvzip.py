@@ -271,3 +271,72 @@ def test_plan_without_replay_statistics_and_every_prompt_warning():
         kvpress_mm.get_strategy("kvzip", compress="every_prompt")
     with pytest.raises(ValueError, match="head_budgets"):
         kvpress_mm.get_strategy("kvzip", head_budgets="global")
+
+
+def _vision_mask(t, inputs):
+    ids = inputs["input_ids"]
+    vision = torch.zeros_like(ids, dtype=torch.bool)
+    for special in (t.image_token_id, t.video_token_id):
+        if special is not None:
+            vision |= ids == special
+    return vision
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("head_budgets", ["model", "layer", "uniform"])
+def test_proportional_modality_budgets_keep_each_modality_its_share(family, head_budgets):
+    """modality_budgets="proportional": text and vision keep budget shares in proportion to their real tokens
+    (summed over what the allocation covers: a head, a layer or the model), each by its own replay ranking;
+    decoding still equals the masked full cache."""
+    t = tiny(family)
+    inputs = t.make_inputs(rows_for(t))
+    strategy = _kvzip(budget=0.3, head_budgets=head_budgets, modality_budgets="proportional")
+    with strategy(t.model) as session:
+        tokens, logits = generate(t.model, inputs, steps=4)
+    kept = dict(session.kept)
+    ref_tokens, ref_logits = masked_reference_generate(t.model, inputs, kept, steps=4)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
+    assert torch.equal(tokens, ref_tokens)
+    real = inputs["attention_mask"].bool()
+    vision = _vision_mask(t, inputs) & real
+    text = real & ~vision
+    stacked = torch.stack([k.expand(-1, 2, -1) for k in kept.values()])  # [layers, B, Hkv, S]
+    kept_vision = (stacked & vision[None, :, None, :]).sum(-1)  # [layers, B, Hkv]
+    kept_all = stacked.sum(-1)
+    # the share of vision among the kept pairs is the share of vision among the real tokens (up to rounding:
+    # one pair per head, and "every head keeps its best pair" in the head-wise allocations)
+    share = vision.sum(-1).double() / real.sum(-1)  # [B]
+    if head_budgets == "uniform":  # per (layer, row, head)
+        got, total, slack = kept_vision, kept_all, 1
+        expected = total.double() * share[None, :, None]
+    elif head_budgets == "layer":  # per (layer, row)
+        got, total, slack = kept_vision.sum(2), kept_all.sum(2), 2 * 2
+        expected = total.double() * share[None, :]
+    else:  # per row, over every layer and head
+        got, total, slack = kept_vision.sum((0, 2)), kept_all.sum((0, 2)), 2 * 2 * len(kept)
+        expected = total.double() * share
+    assert bool(((got.double() - expected).abs() <= slack).all()), (got, expected)
+    # within each modality the kept pairs are its best by the replay (uniform: per head)
+    if head_budgets == "uniform":
+        for idx, keep in kept.items():
+            s = session.replay_scores[idx]
+            b, h, length = s.shape
+            s = s.view(b, 2, h // 2, length).amax(2)
+            for row in range(b):
+                for group in (vision[row], text[row]):
+                    for head in range(2):
+                        k = keep[row, min(head, keep.shape[1] - 1)] & group
+                        e = ~keep[row, min(head, keep.shape[1] - 1)] & group
+                        if k.any() and e.any():
+                            assert s[row, head][k].min() >= s[row, head][e].max()
+
+
+def test_proportional_equals_shared_on_text_only_prompts():
+    t = tiny("llama")
+    inputs = t.make_inputs(rows_for(t))
+    kept = []
+    for modality_budgets in ("shared", "proportional"):
+        with _kvzip(budget=0.3, modality_budgets=modality_budgets)(t.model) as session:
+            generate(t.model, inputs, steps=2)
+        kept.append(session.kept)
+    assert all(torch.equal(kept[0][i], kept[1][i]) for i in kept[0])

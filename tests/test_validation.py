@@ -75,6 +75,7 @@ SPECS = {
     "ranking": ("choice", dict(choices=("accumulated", "window"))),
     "head_budgets": ("choice", dict(choices=("model", "layer", "uniform"))),
     "instruction": ("choice", dict(choices=("repeat", "none"))),
+    "modality_budgets": ("choice", dict(choices=("shared", "proportional"))),
     "chunk_size": ("int", dict(low=1)),
     "overlap": ("int", dict(low=0)),
 }
