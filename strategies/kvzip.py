@@ -15,7 +15,7 @@ import torch
 
 from kvpress_mm.layer import LayerKV, Plan
 from kvpress_mm.modality import Modality
-from kvpress_mm.registry import register_strategy
+from kvpress_mm.registry import register_preset, register_strategy
 from kvpress_mm.replay import ReplayRound
 from kvpress_mm.selection import allocate_layers, proportional_counts, top_per_head
 from kvpress_mm.strategy import EvictionStrategy
@@ -208,6 +208,12 @@ class KVzip(EvictionStrategy):
             mask = groups == g
             keep |= top_per_head(scores.masked_fill(~mask, float("-inf")), share[..., g] - already[..., g], mask)
         return keep
+
+
+# the recommended default of the CLI: KVzip with text and vision ranked apart (docs/strategies-kvzip.md)
+register_preset(
+    "kvzip_mm", KVzip, description="KVzip, text and vision keep their shares", modality_budgets="proportional"
+)
 
 
 def _tokenizer_of(model):

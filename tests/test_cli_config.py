@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 import kvpress_mm
 from kvpress_mm.cli import select_target_option, split_command
-from kvpress_mm.cli.build import ConfigError, build_strategy, build_task, model_call
+from kvpress_mm.cli.build import ConfigError, build_strategy, build_task, model_call, strategy_points
 from kvpress_mm.cli.config import CONFIG_MODULE, conf_dir, register_configs
 from kvpress_mm.cli.generate import GENERATOR_COMMAND, builtin_strategies, expected_files
 from kvpress_mm.cli.preflight import check_command_line
@@ -57,10 +57,18 @@ def test_generated_configs_are_up_to_date():
 
 def test_default_config(configs):
     cfg = configs()
-    assert cfg.strategy.name == "text_prior_pivot_merge" and cfg.strategy.budget == 0.2
+    # the recommended default (KVzip, text and vision ranked apart) beside LOOK-M and the full cache
+    assert cfg.strategy.name == "kvzip_mm" and cfg.strategy.budget == 0.2
     assert cfg.model.name == "mini_llava" and cfg.task.name == "text_needle" and cfg.compare_full
     strategy = build_strategy(cfg.strategy)
-    assert (strategy.budget, strategy.text_prior, strategy.merge) == (0.2, True, "pivotal")
+    assert (strategy.budget, strategy.modality_budgets, strategy.head_budgets) == (0.2, "proportional", "model")
+    assert cfg.also is None and cfg.share_prefill  # null: LOOK-M beside the default strategy only
+    points = strategy_points(cfg)
+    assert [node["name"] for node, _, _ in points] == ["kvzip_mm", "text_prior_pivot_merge"]
+    look_m = points[1][1]
+    assert (look_m.budget, look_m.text_prior, look_m.merge) == (0.2, True, "pivotal")
+    assert [node["name"] for node, _, _ in strategy_points(configs("strategy=snapkv"))] == ["snapkv"]
+    assert len(strategy_points(configs("also=[]"))) == 1
     assert build_task(cfg.task).n_samples == cfg.task.n_samples <= 10
 
 
@@ -116,10 +124,10 @@ def _error(*overrides, multirun=False) -> str:
     "overrides, starts, contains",
     [
         (["strategy.budget=7"], "strategy.budget:", "(0, 1]"),
-        (["strategy.merge=sideways"], "strategy.merge:", "none, averaged, pivotal, weighted"),
+        (["strategy=look_m", "strategy.merge=sideways"], "strategy.merge:", "none, averaged, pivotal, weighted"),
         (["strategy=nope"], "strategy:", "snapkv"),
         (["model=nope"], "model:", "tiny_llava"),
-        (["strategy.nope=1"], "strategy.nope:", "budget, budget_tokens, compress, recent_share"),
+        (["strategy=look_m", "strategy.nope=1"], "strategy.nope:", "budget, budget_tokens, compress, recent_share"),
         (["strategy=snapkv", "strategy.window_size=abc"], "strategy.window_size:", "Integer"),
         (["task.n_samples=0"], "task.n_samples:", ">= 1"),
         (["model=tiny_llava", "model.colour=red"], "model.colour:", "dtype, device, seed"),

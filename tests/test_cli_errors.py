@@ -25,6 +25,7 @@ TINY = [
     "task.max_new_tokens=2",
     "task.context_tokens=48",
     "progress=false",
+    "also=[]",  # the default strategy alone (not the main job's LOOK-M beside it)
 ]
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import os
 import re
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -66,7 +68,12 @@ def strategy_points(cfg: DictConfig) -> list[tuple[dict, object, bool]]:
     `strategy`, then each of `also` (at strategy.budget), each at every budget of `budgets` if any."""
     main = _as_dict(cfg.strategy)
     nodes = [(main, True)]
-    for name in cfg.get("also") or []:
+    also = cfg.get("also")
+    if also is None:  # the main job's default: LOOK-M beside the recommended strategy
+        from .config import MAIN_JOB_ALSO, MAIN_JOB_STRATEGY
+
+        also = list(MAIN_JOB_ALSO) if main.get("name") == MAIN_JOB_STRATEGY else []
+    for name in also:
         if name not in list_strategies():
             raise ConfigError("also", f"unknown strategy {name!r}; choose from: {', '.join(list_strategies())}")
         node = {"name": name}
@@ -89,7 +96,15 @@ def strategy_points(cfg: DictConfig) -> list[tuple[dict, object, bool]]:
                 else [{**{k: v for k, v in node.items() if k != "budget_tokens"}, "budget": b} for b in budgets]
             )
         ]
-    return [(node, build_strategy(node), is_main) for node, is_main in nodes]
+    points = [(node, build_strategy(node), is_main) for node, is_main in nodes]
+    result_file = str(cfg.get("result_file") or "result.json")
+    if len(points) > 1 and (os.path.isabs(result_file) or ".." in Path(result_file).parts):
+        raise ConfigError(
+            "result_file",
+            f"must stay inside the run's directory when the run evaluates several strategies (also / budgets: "
+            f"each point writes its own, <run dir>/<strategy>@<budget>/<result_file>), got {result_file!r}",
+        )
+    return points
 
 
 def build_task(node: DictConfig | dict):

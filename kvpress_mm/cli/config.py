@@ -47,6 +47,10 @@ TARGET_OPTION = "target"  # strategy=target: a class given by `_target_`, not a 
 # Values the CLI uses instead of the dataclass defaults (a budget of 1.0 would compress nothing).
 CLI_STRATEGY_DEFAULTS = {"budget": 0.2}
 # The default command should finish in minutes on a laptop CPU: fewer samples than the tasks' own defaults.
+# the main job (`kvpress-mm` alone): the recommended strategy, shown beside LOOK-M and the full cache
+MAIN_JOB_STRATEGY = "kvzip_mm"
+MAIN_JOB_ALSO = ("text_prior_pivot_merge",)
+
 CLI_TASK_DEFAULTS: dict[str, dict[str, Any]] = {"text_needle": {"n_samples": 10}, "multi_fact": {"n_samples": 10}}
 
 
@@ -76,7 +80,8 @@ class EvalConfig:
     likelihood: bool = False
     # more registered strategies evaluated on the same samples, each at strategy.budget (or at every one of
     # `budgets`): one table, one prefill per batch for all of them when share_prefill is on
-    also: list[str] = field(default_factory=list)
+    # null: LOOK-M (MAIN_JOB_ALSO) beside the recommended default strategy (MAIN_JOB_STRATEGY), else nothing
+    also: Optional[list[str]] = None
     # evaluate the strategy (and those of `also`) at each of these budgets in this one run (empty: strategy.budget)
     budgets: list[float] = field(default_factory=list)
     # one prefill per batch for the full cache and every strategy of the run, each compressing its own copy
