@@ -194,20 +194,27 @@ def _ask(
     force: torch.Tensor | None = None,
     logits: bool = False,
     batch_size: int | None = None,
+    unit: _SharedUnit | None = None,
 ) -> _Generation:
     """The question-agnostic protocol: compress the context alone (strategy None: the full cache), then ask
-    every question on its own copy. Timings: prefill = the context's forward; decode = the rest (each
-    question's own forward included)."""
+    every question on its own copy. Timings: prefill = the context's forward (with a shared `unit`: the shared
+    forward + this strategy's compression of its copy); decode = the rest (each question's own forward included)."""
     import kvpress_mm
+
+    from ..context import CompressedContext
 
     model = bundle.model
     strategy = strategy if strategy is not None else kvpress_mm.get_strategy("full")
     forced = None
     if force is not None:
-        forced = [row[: len(row)] for row in force]
+        forced = list(force)
         batch_size = 1  # a forced row's length is its own: one question per call keeps positions simple
     with PeakMemory(device) as mem, ForwardTimer(model, device) as timer:
-        context = compress_context(model, strategy, split.context)
+        if unit is None:
+            context = compress_context(model, strategy, split.context)
+        else:
+            cache, report, seconds = unit.compress(strategy)
+            context = CompressedContext.of(model, strategy, cache, unit.prefill.inputs, report)
         answers = context.ask(
             split.questions,
             max_new_tokens=max_new_tokens,
@@ -217,17 +224,28 @@ def _ask(
             **bundle.generate_kwargs,
         )
     new_tokens, raw = _stack_answers(bundle, answers, logits)
+    if unit is None:
+        prefill, decode, steps = timer.prefill_seconds, timer.decode_seconds, max(0, timer.calls - 1)
+        peak = mem.peak_bytes
+    else:  # every forward of this call is a question's or a decode step's
+        prefill, decode, steps = unit.seconds + seconds, _span(timer), timer.calls
+        peak = _max([unit.peak_bytes, mem.peak_bytes])
     return _Generation(
         new_tokens=new_tokens,
         logits=raw,
-        prefill_seconds=timer.prefill_seconds,
-        decode_seconds=timer.decode_seconds,
-        decode_steps=max(0, timer.calls - 1),
-        peak_bytes=mem.peak_bytes,
+        prefill_seconds=prefill,
+        decode_seconds=decode,
+        decode_steps=steps,
+        peak_bytes=peak,
         peak_increase_bytes=mem.increase_bytes,
         memory_method=mem.method,
         report=context.report,
     )
+
+
+def _span(timer: ForwardTimer) -> float:
+    """Seconds from the first forward's start to the last one's end."""
+    return timer.ends[-1] - timer.starts[0] if timer.calls else 0.0
 
 
 def _stack_answers(bundle: ModelBundle, answers, logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -440,45 +458,7 @@ def _generate_shared(
         new_tokens=tokens,
         logits=raw,
         prefill_seconds=unit.seconds + seconds,
-        decode_seconds=timer.ends[-1] - timer.starts[0] if timer.calls else 0.0,
-        decode_steps=timer.calls,
-        peak_bytes=_max([unit.peak_bytes, mem.peak_bytes]),
-        peak_increase_bytes=mem.increase_bytes,
-        memory_method=mem.method,
-        report=report,
-    )
-
-
-def _ask_shared(
-    bundle: ModelBundle, unit: _SharedUnit, split: SplitSample, strategy, max_new_tokens, device, force, logits, batch
-) -> _Generation:
-    """`_ask` on a shared prefill of the context: the strategy compresses a copy, then asks every question."""
-    import kvpress_mm
-
-    from ..context import CompressedContext
-
-    strategy = strategy if strategy is not None else kvpress_mm.get_strategy("full")
-    forced = None
-    if force is not None:
-        forced = list(force)
-        batch = 1
-    with PeakMemory(device) as mem, ForwardTimer(bundle.model, device) as timer:
-        cache, report, seconds = unit.compress(strategy)
-        context = CompressedContext.of(bundle.model, strategy, cache, unit.prefill.inputs, report)
-        answers = context.ask(
-            split.questions,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch,
-            output_logits=logits,
-            forced=forced,
-            **bundle.generate_kwargs,
-        )
-    new_tokens, raw = _stack_answers(bundle, answers, logits)
-    return _Generation(
-        new_tokens=new_tokens,
-        logits=raw,
-        prefill_seconds=unit.seconds + seconds,
-        decode_seconds=timer.ends[-1] - timer.starts[0] if timer.calls else 0.0,
+        decode_seconds=_span(timer),
         decode_steps=timer.calls,
         peak_bytes=_max([unit.peak_bytes, mem.peak_bytes]),
         peak_increase_bytes=mem.increase_bytes,
@@ -615,9 +595,7 @@ def evaluate_many(
                 unit = _SharedUnit(bundle, split.context, device) if share_prefill else None
 
                 def run_one(strategy, new_tokens, force=None, logits=False, split=split, unit=unit):
-                    if unit is not None:
-                        return _ask_shared(bundle, unit, split, strategy, new_tokens, device, force, logits, batch_size)
-                    return _ask(bundle, split, strategy, new_tokens, device, force, logits, batch_size)
+                    return _ask(bundle, split, strategy, new_tokens, device, force, logits, batch_size, unit)
 
                 context_len = split.context["input_ids"].shape[1]
                 prompt_tokens = [context_len + len(q) for q in split.questions]
