@@ -8,7 +8,7 @@ import torch
 
 from kvpress_mm.layer import AttentionNeeds, LayerKV, Plan
 from kvpress_mm.registry import register_strategy
-from kvpress_mm.selection import last_tokens, per_kv_head, pool_scores
+from kvpress_mm.selection import SpanSelection, last_tokens, per_kv_head, pool_scores
 from kvpress_mm.strategy import EvictionStrategy
 from kvpress_mm.validate import check_choice, check_int, warn_ignored
 
@@ -49,7 +49,7 @@ def keep_best(scores: torch.Tensor, layer: LayerKV, protect: torch.Tensor | None
 
 @register_strategy("snapkv")
 @dataclass
-class SnapKV(EvictionStrategy):
+class SnapKV(SpanSelection, EvictionStrategy):
     """Keep the observation window and the prefix tokens it votes for.
 
     Algorithm (per row and kv head):
@@ -57,6 +57,8 @@ class SnapKV(EvictionStrategy):
       2. vote[j] = sum over window queries of softmax(q k^T)[j], averaged over the kv head's query group
       3. smooth the votes with a `kernel_size` pooling along the sequence (keeps neighbours together)
       4. keep the window plus the top-voted prefix tokens, `keep` in all
+    spans="chunks" (this project's, not the paper's; kvpress_mm.selection.SpanSelection): after step 3 every
+    token ranks with its span's best vote, so text chunks of span_size tokens and image patch rows are kept whole.
     """
 
     window_size: int = 32
@@ -71,13 +73,14 @@ class SnapKV(EvictionStrategy):
         check_choice(owner, "pooling", self.pooling, POOLINGS)
         if self.kernel_size == 1 and self.pooling != "avg":
             warn_ignored(owner, "pooling", self.pooling, "kernel_size=1 pools nothing")
+        self._check_spans()
 
     def needs(self) -> AttentionNeeds:
         return AttentionNeeds(window=self.window_size)
 
     def scores(self, layer: LayerKV) -> torch.Tensor:
         votes = layer.window_attention.sum(2)
-        return pool_scores(per_kv_head(votes, layer.groups), self.kernel_size, self.pooling)
+        return self.pool_spans(pool_scores(per_kv_head(votes, layer.groups), self.kernel_size, self.pooling), layer)
 
     def promised(self, layer: LayerKV) -> torch.Tensor:
         return last_tokens(layer, torch.clamp(layer.keep_count, max=self.window_size))

@@ -391,3 +391,53 @@ def test_recent_set_sums_the_last_window_positions(past, masked, eager):
         rows = [j for j in range(length - 5, length) if labels[r, j] != PAD]
         summed = sum((probs[r, :, j] for j in rows), torch.zeros_like(probs[r, :, 0]))
         torch.testing.assert_close(out.accumulated[r].double(), summed, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llama"])
+def test_snapkv_spans_keep_whole_chunks_inside_generate(family):
+    """SnapKV with spans="chunks": ties inside a span are broken by the budget's edge only, so at most one span
+    per (row, head) is cut; decoding equals the full cache with the evicted positions masked."""
+    from helpers import generate, masked_reference_generate, rows_for, tiny
+
+    import kvpress_mm
+    from kvpress_mm.modality import modality_from_ids
+
+    t = tiny(family)
+    inputs = t.make_inputs(rows_for(t))
+    strategy = kvpress_mm.get_strategy("snapkv", budget=0.4, window_size=4, spans="chunks", span_size=3)
+    with strategy(t.model) as session:
+        tokens, logits = generate(t.model, inputs, steps=4)
+    ref_tokens, ref_logits = masked_reference_generate(t.model, inputs, dict(session.kept), steps=4)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
+    image_ids = [i for i in (t.image_token_id, t.video_token_id) if i is not None]
+    labels = modality_from_ids(inputs["input_ids"], inputs["attention_mask"], image_ids or None)
+    spans = span_ids(labels, 3)
+    length = labels.shape[1]
+    window = torch.arange(length) >= length - 4
+    cut_any = 0
+    for keep in session.kept.values():
+        for b in range(keep.shape[0]):
+            for h in range(keep.shape[1]):
+                k = keep[b, h] & ~window
+                cut = 0
+                for span in spans[b].unique().tolist():
+                    if span < 0:
+                        continue
+                    members = (spans[b] == span) & ~window
+                    if members.any() and 0 < int(k[members].sum()) < int(members.sum()):
+                        cut += 1
+                assert cut <= 1
+                cut_any += cut
+    # token-level selection (the paper's) cuts spans everywhere on the same prompt
+    with kvpress_mm.get_strategy("snapkv", budget=0.4, window_size=4)(t.model) as plain:
+        generate(t.model, inputs, steps=1)
+    plain_cuts = sum(
+        int(0 < int((keep[b, h] & ((spans[b] == s) & ~window)).sum()) < int(((spans[b] == s) & ~window).sum()))
+        for keep in plain.kept.values()
+        for b in range(keep.shape[0])
+        for h in range(keep.shape[1])
+        for s in spans[b].unique().tolist()
+        if s >= 0
+    )
+    assert plain_cuts > cut_any
